@@ -1,0 +1,1 @@
+"""The study of Appendix A.5: stage keys, the stage store and the pipeline."""

@@ -1,0 +1,63 @@
+"""The ``study:`` section of a config: everything beyond one training run.
+
+``fit``/``validate``/``test`` ignore it; ``prune``, ``match``, ``experiment`` and ``plan``
+read it. Defaults are the paper's (Appendix A.1, A.5) and the authors' code (method.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ARMS = ("lth", "naive", "permuted")
+MATCH_METHODS = ("activation", "weight")
+CHAINS = ("shared", "per_target")
+
+
+@dataclass
+class PruneSettings:
+    """IMP: global magnitude pruning, ``fraction`` of the live weights per round."""
+
+    fraction: float = 0.2
+    epochs_per_round: int = 50
+    lr: float = 0.01
+    momentum: float = 0.0  # authors' code: plain SGD
+    weight_decay: float = 0.0
+    chain: str = "shared"  # one chain stopping at each target; "per_target" = authors
+    include: list[str] = field(default_factory=lambda: ["*.weight"])
+    exclude: list[str] = field(default_factory=lambda: ["*shortcut*", "*bn*"])
+
+
+@dataclass
+class MatchSettings:
+    method: str = "activation"
+    num_batches: int | None = None  # None: one pass over the training set
+    interpolation_points: int = 11
+    bn_reset_batches: int | None = None  # BN statistics at each alpha; None: one pass
+    seed: int = 0
+
+
+@dataclass
+class SparseSettings:
+    """The three arms: SGD, momentum, wd, lr; cosine to 0 over T - k epochs."""
+
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class Study:
+    store: str = "store"
+    sparsities: list[float] = field(default_factory=lambda: [0.8, 0.9, 0.95, 0.97])
+    rewind_epochs: list[int] = field(default_factory=lambda: [0, 5, 10, 15, 20, 25, 50, 75, 100])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    seed_b_offset: int = 1000  # dense B's seed = seed_everything + this
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    match: MatchSettings = field(default_factory=MatchSettings)
+    sparse: SparseSettings = field(default_factory=SparseSettings)
+    wandb_project: str = "lightning_lth"
+    wandb_mode: str = "auto"  # auto: online when logged in, else offline; or online/offline/disabled
+    # Explicit inputs instead of the store's stages (prune/match on files you already have):
+    weights_a: str | None = None  # trained dense A (final.pt)
+    weights_b: str | None = None  # trained dense B (final.pt)
+    mask: str | None = None  # A's mask, permuted by match
