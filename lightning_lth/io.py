@@ -14,7 +14,7 @@ import torch
 from lightning_lth.errors import LTHError
 
 
-def _atomic_write(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: a reader sees all or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +24,9 @@ def _atomic_write(path: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,7 +35,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_tensors(obj: Any, path: str | Path) -> None:
     """torch.save a tree of tensors and plain values, atomically."""
-    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+    write_atomic(Path(path), lambda handle: torch.save(obj, handle))
 
 
 def load_tensors(path: str | Path, what: str = "file") -> Any:
@@ -49,7 +52,7 @@ def load_tensors(path: str | Path, what: str = "file") -> Any:
 
 def save_json(obj: Any, path: str | Path) -> None:
     data = json.dumps(obj, indent=2, sort_keys=True).encode()
-    _atomic_write(Path(path), lambda handle: handle.write(data))
+    write_atomic(Path(path), lambda handle: handle.write(data))
 
 
 def load_json(path: str | Path, what: str = "file") -> Any:

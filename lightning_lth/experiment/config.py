@@ -46,6 +46,15 @@ class SparseSettings:
 
 
 @dataclass
+class OnlyCells:
+    """Narrow the experiment to part of the grid (a sweep agent runs one cell)."""
+
+    sparsity: float | None = None
+    rewind_epoch: int | None = None
+    arm: str | None = None
+
+
+@dataclass
 class Study:
     store: str = "store"
     sparsities: list[float] = field(default_factory=lambda: [0.8, 0.9, 0.95, 0.97])
@@ -55,6 +64,7 @@ class Study:
     prune: PruneSettings = field(default_factory=PruneSettings)
     match: MatchSettings = field(default_factory=MatchSettings)
     sparse: SparseSettings = field(default_factory=SparseSettings)
+    only: OnlyCells = field(default_factory=OnlyCells)
     wandb_project: str = "lightning_lth"
     wandb_mode: str = "auto"  # auto: online when logged in, else offline; or online/offline/disabled
     # Explicit inputs instead of the store's stages (prune/match on files you already have):

@@ -1,0 +1,224 @@
+"""report.py: the paper-style tables hold the right numbers, bad lines are reported not fatal,
+and the figures are real PNGs."""
+
+import csv
+import json
+import statistics
+import types
+
+import matplotlib.image
+import pytest
+
+from lightning_lth import report
+from lightning_lth.errors import LTHError
+
+SEEDS = (0, 1, 2)
+SPARSITIES = (0.8, 0.9)
+KS = (0, 5)
+BASE = {"lth": 0.90, "naive": 0.85, "permuted": 0.88}
+SEED_NOISE = {0: 0.0, 1: 0.004, 2: -0.003}
+
+
+def acc(method, sparsity, k, seed):
+    # permuted beats LTH at (0.9, k=5) so the bold test is not just "LTH always wins"
+    bump = 0.05 if (method, sparsity, k) == ("permuted", 0.9, 5) else 0.0
+    return BASE.get(method, 0.5) - 0.1 * (sparsity - 0.8) + 0.002 * k + SEED_NOISE[seed] * (1 + KS.index(k)) + bump
+
+
+def record(tmp_path, method="lth", sparsity=0.8, k=0, seed=0, width=1, **over):
+    rec = {"model": "resnet20", "dataset": "cifar10", "width": width, "seed": seed,
+           "method": method, "sparsity": sparsity, "rewind_epoch": k,
+           "test_acc": acc(method, sparsity, k, seed), "test_loss": 0.3,
+           "dense_acc_a": 0.92 + 0.001 * seed, "dense_acc_b": 0.921, "pruned_acc_a": 0.915,
+           "barrier_loss_before": 1.0 + seed, "barrier_loss_after": 0.2,
+           "barrier_error_before": 0.5, "barrier_error_after": 0.05,
+           "connectivity": str(tmp_path / "match" / f"w{width}s{seed}" / "connectivity.json"),
+           "wall_time_s": 1.0, "key": f"arm-{method}-{sparsity}-{k}-{seed}-{width}",
+           "finished_at": "2026-11-25T19:00:00Z"}
+    rec.update(over)
+    return rec
+
+
+def all_records(tmp_path, width=1, seeds=SEEDS):
+    return [record(tmp_path, m, s, k, seed, width)
+            for seed in seeds for s in SPARSITIES for k in KS for m in report.METHODS]
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def expected_cell(method, sparsity, k, seeds=SEEDS):
+    vals = [acc(method, sparsity, k, s) for s in seeds]
+    return statistics.mean(vals), statistics.stdev(vals)
+
+
+def table_rows(md_table):
+    """{(sparsity label, method label): [cells]}, carrying the sparsity down the merged rows."""
+    rows, current = {}, None
+    for line in md_table.splitlines():
+        if not line.startswith("| ") or line.startswith("| S |"):
+            continue
+        parts = [p.strip() for p in line.strip("|").split("|")]
+        current = parts[0] or current
+        rows[(current, parts[1])] = parts[2:]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One report over two widths: width 1 has one connectivity file, width 2 has none."""
+    tmp = tmp_path_factory.mktemp("rep")
+    curve = {"alphas": [0, 0.5, 1], "loss": [0.3, 1.5, 0.3], "acc": [0.9, 0.4, 0.9],
+             "loss_barrier": 1.2, "error_barrier": 0.5}
+    conn = tmp / "match" / "w1s0" / "connectivity.json"
+    conn.parent.mkdir(parents=True)
+    conn.write_text(json.dumps({"naive": curve, "matched": {**curve, "acc": [0.9, 0.85, 0.9]}}))
+    recs = all_records(tmp, 1) + all_records(tmp, 2, seeds=(0,))
+    paths = report.write_report(recs, tmp / "out")
+    return tmp / "out", paths
+
+
+def test_markdown_and_csv_hold_means_stds_and_bold_the_best(built):
+    out, _ = built
+    md = (out / "report.md").read_text()
+    w1 = md.split("## resnet20×1 / cifar10")[1].split("## ")[0]
+    rows = table_rows(w1)
+    for s in SPARSITIES:
+        for ki, k in enumerate(KS):
+            means = {m: expected_cell(m, s, k)[0] for m in report.METHODS}
+            best = max(means, key=means.get)
+            for m in report.METHODS:
+                mean, std = expected_cell(m, s, k)
+                text = f"{100 * mean:.2f} ± {100 * std:.2f}"
+                cell = rows[(f"{100 * s:g}%", report._LABELS[m])][ki]
+                assert cell == (f"**{text}**" if m == best else text), (s, k, m, cell)
+    assert rows[("90%", "permuted")][1].startswith("**")  # the planted winner over LTH
+    assert "Dense accuracy: 92.10 ± 0.10 (n=3)" in md
+
+    with open(out / "report.csv") as h:
+        rows = list(csv.DictReader(h))
+    assert len(rows) == 2 * len(SPARSITIES) * len(KS) * 3
+    for row in rows:
+        if row["width"] != "1":
+            assert row["n"] == "1" and float(row["test_acc_std"]) == 0.0
+            continue
+        mean, std = expected_cell(row["method"], float(row["sparsity"]), int(row["rewind_epoch"]))
+        assert float(row["test_acc_mean"]) == pytest.approx(mean, abs=1e-12)
+        assert float(row["test_acc_std"]) == pytest.approx(std, abs=1e-12)
+        assert row["n"] == "3"
+
+
+def test_barrier_table_averages_per_seed_not_per_record(built):
+    out, _ = built
+    md = (out / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| resnet20 | cifar10 | ×1 |"))
+    # barrier_loss_before is 1, 2, 3 over seeds -> 2.000 ± 1.000, whatever the arm count per seed
+    assert "| 2.000 ± 1.000 | 0.200 ± 0.000 | 50.00 ± 0.00 | 5.00 ± 0.00 | 3 |" in row
+
+
+def test_pngs_exist_and_are_valid_images(built):
+    out, paths = built
+    names = {p.name for p in paths}
+    expected = {"report.md", "report.csv",
+                "resnet20_cifar10_w1_vs_k.png", "resnet20_cifar10_w1_vs_sparsity.png",
+                "resnet20_cifar10_w1_interpolation.png",
+                "resnet20_cifar10_w2_vs_k.png", "resnet20_cifar10_w2_vs_sparsity.png"}
+    assert names == expected  # width 2 has no connectivity file -> no interpolation figure
+    for p in paths:
+        assert p.is_file() and p.parent == out
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            img = matplotlib.image.imread(p)
+            assert img.shape[0] > 50 and img.shape[1] > 50
+    md = (out / "report.md").read_text()
+    assert "connectivity file missing" in md and "w2s0" in md
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_uneven_seed_counts_show_n(tmp_path):
+    recs = [r for r in all_records(tmp_path)
+            if not (r["seed"] == 2 and r["method"] == "naive" and r["rewind_epoch"] == 5)]
+    rows = table_rows(report.accuracy_table(recs))
+    assert rows[("80%", "naive")][1].endswith("(n=2)")
+    assert "(n=" not in rows[("80%", "naive")][0]
+    mean, std = expected_cell("naive", 0.8, 5, seeds=(0, 1))
+    assert rows[("80%", "naive")][1] == f"{100 * mean:.2f} ± {100 * std:.2f} (n=2)"
+
+
+def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
+    good = all_records(tmp_path)
+    missing = record(tmp_path)
+    del missing["test_acc"]
+    lines = [good[0],                                      # 1
+             "{not json",                                  # 2
+             missing,                                      # 3
+             record(tmp_path, width="1"),                  # 4 wrong type
+             record(tmp_path, method="random"),            # 5 unknown method
+             record(tmp_path, test_acc=91.2),              # 6 percent, not a fraction
+             "[1, 2]",                                     # 7 not an object
+             ""] + good[1:] + [good[0]]                    # blank line skipped; rerun of line 1
+    path = write_jsonl(tmp_path / "results.jsonl", lines)
+    records, problems = report.load_records(path)
+    assert len(records) == len(good)
+    by_line = {p.split(":")[0]: p for p in problems}
+    assert set(by_line) == {"line 1", "line 2", "line 3", "line 4", "line 5", "line 6", "line 7"}
+    assert "invalid JSON" in by_line["line 2"]
+    assert "test_acc" in by_line["line 3"] and "missing" in by_line["line 3"]
+    assert "width" in by_line["line 4"]
+    assert "random" in by_line["line 5"]
+    assert "fraction" in by_line["line 6"]
+    assert "superseded" in by_line["line 1"]
+
+    paths = report.main(str(path), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "report.md") in paths
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "line 2: invalid JSON" in md
+    assert "line 5" in capsys.readouterr().err
+
+
+def test_missing_or_empty_inputs_raise_one_line_errors(tmp_path):
+    with pytest.raises(LTHError, match="results file not found"):
+        report.load_records(tmp_path / "nope.jsonl")
+    with pytest.raises(LTHError, match="no valid records"):
+        report.main(str(write_jsonl(tmp_path / "r.jsonl", ["{bad"])), str(tmp_path / "o"))
+    with pytest.raises(LTHError, match="exactly one"):
+        report.main(None, str(tmp_path / "o"))
+    with pytest.raises(LTHError, match="exactly one"):
+        report.main("r.jsonl", str(tmp_path / "o"), wandb_project="p")
+
+
+def test_wandb_records_and_unreachable_api(tmp_path, monkeypatch):
+    rec = record(tmp_path)
+    config = {k: rec[k] for k in ("model", "dataset", "width", "seed", "method", "sparsity",
+                                  "rewind_epoch")}
+    summary = {k: v for k, v in rec.items() if k not in config}
+
+    class Summary(dict):
+        pass
+
+    run_ok = types.SimpleNamespace(id="abc", config=config, summary=Summary(summary))
+    run_bad = types.SimpleNamespace(id="xyz", config=config, summary=Summary())
+    seen = {}
+
+    class Api:
+        def __init__(self, timeout=None):
+            pass
+
+        def runs(self, path):
+            seen["path"] = path
+            return [run_ok, run_bad]
+
+    monkeypatch.setitem(__import__("sys").modules, "wandb", types.SimpleNamespace(Api=Api))
+    records, problems = report.load_wandb_records("proj", "me")
+    assert seen["path"] == "me/proj" and records == [rec]
+    assert len(problems) == 1 and problems[0].startswith("run xyz: missing")
+
+    class DeadApi:
+        def __init__(self, timeout=None):
+            raise RuntimeError("No API key configured.\nmore detail")
+
+    monkeypatch.setitem(__import__("sys").modules, "wandb", types.SimpleNamespace(Api=DeadApi))
+    with pytest.raises(LTHError, match="cannot read W&B project 'proj'.*No API key configured"):
+        report.main(wandb_project="proj", out_dir=str(tmp_path / "o"))
