@@ -10,6 +10,7 @@ an unrelated setting reuses what exists.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -94,7 +95,7 @@ class Pipeline:
             raise LTHError(f"seed_everything must be an integer for a study (it names the "
                            f"stages), got {seed!r}")
         self.seed = seed
-        self.store = Store(self.study.store, is_writer=_global_rank() == 0)
+        self.store = Store(self.study.store, is_writer=_global_rank() == 0, sync=_barrier)
         self._validate()
 
     # -- settings and keys ----------------------------------------------------------------
@@ -305,6 +306,7 @@ class Pipeline:
             train = self.datamodule.unaugmented_train_batches(device)
             perm = match(net_a, net_b, method=settings.method, batches=train,
                          num_batches=settings.num_batches, seed=settings.seed)
+            _check_ranks_agree("the permutation", perm)
             spec = get_spec(net_a)
             state_a = {k: v.detach().cpu() for k, v in net_a.state_dict().items()}
             state_b = {k: v.detach().cpu() for k, v in net_b.state_dict().items()}
@@ -353,6 +355,7 @@ class Pipeline:
                 perm = load_perm(match_dir / "perm.pt")
                 mask = apply_permutation(mask, get_spec(module.net), perm)
             mask.check_fits(module.net, self.model_kwargs["arch"], self.model_kwargs["width"])
+            _check_ranks_agree(f"the {cell.arm} mask", mask.tensors)
             module.mask = mask
             extra = {"method": cell.arm, "sparsity": cell.sparsity,
                      "rewind_epoch": cell.rewind_epoch, "seed": self.seed,
@@ -363,6 +366,10 @@ class Pipeline:
             metrics = self._test(trainer, module)
             if trainer.is_global_zero:
                 mask.save(work / "mask.pt")
+                save_tensors({"state_dict": {k: v.detach().cpu() for k, v in
+                                             module.net.state_dict().items()},
+                              "epoch": self.epochs, "meta": {"arm": cell.arm}},
+                             work / "final.pt")
                 result = {**metrics, "wall_time_s": time.time() - started}
                 save_json(result, work / "result.json")
                 record = self.record(plan, cell, result, imp_dir, match_dir)
@@ -479,6 +486,21 @@ def _shared_done(store: Store, stage: Stage):
         else [None]
     dist.broadcast_object_list(flag, src=0)
     return lambda: bool(flag[0])
+
+
+def _check_ranks_agree(what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Under DDP: every rank must hold the same tensors (masks, pi), else stop loudly."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise LTHError(f"DDP ranks disagree on {what}: {digests}")
+    _print(f"ranks agree on {what} ({len(digests)} ranks)")
 
 
 def _barrier() -> None:

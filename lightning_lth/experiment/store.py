@@ -49,9 +49,11 @@ def make_stage(kind: str, settings: dict, label: str = "") -> Stage:
 
 
 class Store:
-    def __init__(self, root: str | Path, is_writer: bool = True):
+    def __init__(self, root: str | Path, is_writer: bool = True,
+                 sync: Callable[[], None] = lambda: None):
         self.root = Path(root)
         self.is_writer = is_writer  # False on DDP ranks other than 0: they compute, never write
+        self.sync = sync  # a DDP barrier: every rank has finished computing before the rename
 
     def path(self, stage: Stage) -> Path:
         return self.root / stage.kind / stage.key
@@ -128,6 +130,7 @@ class Store:
             work.mkdir(parents=True, exist_ok=True)
             self.log_event("compute", stage)
             compute(work)
+            self.sync()
             if self.is_writer:
                 save_json({"stage": stage.kind, "key": stage.key, **stage.settings},
                           work / "settings.json")
