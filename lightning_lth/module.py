@@ -79,8 +79,12 @@ class LTHModule(L.LightningModule):
                 self.mask.tensors.items()]
 
     def on_fit_start(self) -> None:
+        for handle in self._hooks:  # left by a fit that raised: it never reached on_fit_end
+            handle.remove()
+        self._hooks.clear()
         if self.mask is None:
             return
+        self.mask.check_fits(self.net, self.hparams.arch, self.hparams.width)
         pairs = self._mask_pairs()
         with torch.no_grad():
             for param, keep in pairs:

@@ -9,6 +9,7 @@ from lightning_lth.io import load_tensors
 from lightning_lth.sparsity.mask import Mask
 from test_experiment import NO_WANDB, events, records, tiny_config
 
+
 def test_ddp_two_cpu_ranks_agree_and_write_once(tmp_path):
     config = tiny_config(tmp_path, n_train=512)
     store = tmp_path / "store"

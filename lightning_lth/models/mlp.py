@@ -23,3 +23,21 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.layers(x.flatten(1)))
+
+    def permutation_spec(self):
+        """Weight symmetries (lightning_lth.symmetry): one group per hidden layer, matched after
+        its ReLU."""
+        from lightning_lth.symmetry.spec import MatchPoint, PermutationSpec
+
+        axes, points, previous, count = {}, {}, None, 0
+        for index, module in enumerate(self.layers):
+            if isinstance(module, nn.Linear):
+                group = f"layer{count}"
+                axes[f"layers.{index}.weight"] = (group, previous)
+                axes[f"layers.{index}.bias"] = (group,)
+                points[group] = MatchPoint(f"layers.{index + 1}")  # its ReLU
+                previous, count = group, count + 1
+        axes["classifier.weight"] = (None, previous)
+        axes["classifier.bias"] = (None,)
+        return PermutationSpec(axes, points,
+                               check_input_shape=(self.layers[0].in_features,))

@@ -61,3 +61,38 @@ class ResNet20(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.stages(out)
         return self.fc(self.pool(out).flatten(1))
+
+    def permutation_spec(self):
+        """Weight symmetries (lightning_lth.symmetry): one group per residual stream and one per
+        block's inner channels.
+
+        ``stage{s}``: the residual stream of stage s, shared by everything that writes into it
+        (stem conv/bn for stage 0, each block's conv2/bn2, the shortcut conv/bn) and read by
+        every conv on it and by the fc input; matched at the stage's output (its last block's
+        output). ``stage{s}.block{b}``: the block's conv1/bn1 outputs = conv2's inputs,
+        matched after bn1 + ReLU. A block with an identity shortcut keeps its input's stream.
+        """
+        from lightning_lth.symmetry.spec import MatchPoint, PermutationSpec
+
+        axes, points = {}, {}
+
+        def conv_bn(conv, bn, out_group, in_group):
+            axes[f"{conv}.weight"] = (out_group, in_group, None, None)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                axes[f"{bn}.{key}"] = (out_group,)
+
+        stream = "stage0"
+        conv_bn("conv1", "bn1", stream, None)
+        for s, stage in enumerate(self.stages):
+            for b, block in enumerate(stage):
+                prefix, inner, in_stream = f"stages.{s}.{b}", f"stage{s}.block{b}", stream
+                if len(block.shortcut):
+                    stream = f"stage{s}"
+                    conv_bn(f"{prefix}.shortcut.0", f"{prefix}.shortcut.1", stream, in_stream)
+                conv_bn(f"{prefix}.conv1", f"{prefix}.bn1", inner, in_stream)
+                conv_bn(f"{prefix}.conv2", f"{prefix}.bn2", stream, inner)
+                points[inner] = MatchPoint(f"{prefix}.bn1", "relu")
+            points[stream] = MatchPoint(f"stages.{s}")
+        axes["fc.weight"] = (None, stream)
+        axes["fc.bias"] = (None,)
+        return PermutationSpec(axes, points, check_input_shape=(self.conv1.in_channels, 8, 8))

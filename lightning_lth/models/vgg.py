@@ -33,3 +33,26 @@ class VGG11(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
+
+    def permutation_spec(self):
+        """Weight symmetries (lightning_lth.symmetry): one group per conv's output channels,
+        matched after its ReLU. The classifier's input follows the last conv's channels (with a
+        1x1 final map the flatten order is the channel order; a larger map is handled by the
+        spec's flattened-axis rule)."""
+        from lightning_lth.symmetry.spec import MatchPoint, PermutationSpec
+
+        axes, points, previous, count = {}, {}, None, 0
+        for index, module in enumerate(self.features):
+            if isinstance(module, nn.Conv2d):
+                group = f"conv{count}"
+                axes[f"features.{index}.weight"] = (group, previous, None, None)
+                axes[f"features.{index}.bias"] = (group,)
+                points[group] = MatchPoint(f"features.{index + 1}")  # its ReLU
+                previous, count = group, count + 1
+        axes["classifier.weight"] = (None, previous)
+        axes["classifier.bias"] = (None,)
+        last_channels = [m for m in self.features if isinstance(m, nn.Conv2d)][-1].out_channels
+        spatial = round((self.classifier.in_features // last_channels) ** 0.5)
+        image_size = spatial * 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.features)
+        return PermutationSpec(axes, points, check_input_shape=(
+            self.features[0].in_channels, image_size, image_size))

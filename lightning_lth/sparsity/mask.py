@@ -68,7 +68,13 @@ class Mask:
     @classmethod
     def load(cls, path: str | Path) -> Mask:
         data = load_tensors(path, what="mask file")
-        if not isinstance(data, dict) or data.get("meta", {}).get("format") != FORMAT:
+        meta = data.get("meta") if isinstance(data, dict) else None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise LTHError(f"mask file {path} is not a lightning_lth mask (expected format "
                            f"{FORMAT!r})")
-        return cls(dict(data["masks"]), dict(data["meta"]))
+        masks = data.get("masks")
+        if not isinstance(masks, dict) or not all(
+                isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in masks.items()):
+            raise LTHError(f"mask file {path} is damaged: 'masks' must map parameter names to "
+                           f"tensors")
+        return cls(dict(masks), dict(meta))
