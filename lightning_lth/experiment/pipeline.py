@@ -168,7 +168,7 @@ class Pipeline:
                        if n in imp.prunable_names(net, study.prune.include, study.prune.exclude))
         rounds = imp.imp_schedule(prunable, study.sparsities, study.prune.fraction,
                                   study.prune.chain)
-        plan.imp_rounds = len(rounds)
+        plan.imp_rounds = sum(1 for r in rounds if r.step > 0)  # rounds that train
         only = study.only
         for sparsity in study.sparsities:
             if only.sparsity is not None and not math.isclose(sparsity, only.sparsity):
