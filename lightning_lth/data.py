@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,13 @@ def _stage_idx_files(info: DatasetInfo, root: Path) -> None:
             if source.is_file():
                 raw.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_suffix(f".{os.getpid()}.tmp")
-                with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                try:
+                    with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                except (OSError, EOFError, zlib.error) as exc:
+                    tmp.unlink(missing_ok=True)
+                    raise LTHError(f"{source} is not a readable gzip file ({exc}); replace it "
+                                   f"with a good copy of {name}") from None
                 os.replace(tmp, target)
                 break
 

@@ -119,19 +119,20 @@ class LTHModule(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         metric = self.metrics[f"{split}_acc"]
-        metric(logits, labels)
+        metric.update(logits, labels)
         on_step = split == "train"
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  sync_dist=not on_step)
         self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        # Once per epoch, not per step: per-step Python work is what slows a fast GPU.
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.mask is not None:
+            self.log("sparsity", self.mask.sparsity(), prog_bar=True)
+
     def training_step(self, batch, batch_idx):
-        if self.mask is not None and batch_idx == 0:
-            self.log("sparsity", self.mask.sparsity(), prog_bar=True, on_step=False,
-                     on_epoch=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False,
-                 on_epoch=True)
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):

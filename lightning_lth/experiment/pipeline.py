@@ -16,6 +16,7 @@ import json
 import math
 import netrc
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -509,10 +510,9 @@ def _barrier() -> None:
 
 
 def _finish_wandb() -> None:
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish(quiet=True)
+    wandb = sys.modules.get("wandb")  # only a run that was started needs finishing
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def _print(message: str) -> None:

@@ -1,0 +1,140 @@
+"""Benchmark: activation matching vs training steps, and the linear assignment solver.
+
+(a) activation matching of two ResNet20x{width} nets over N batches of random CIFAR-shaped
+    images (the whole ``match()`` call: spec check, hooks, float64 moments, assignments),
+    against N training steps (SGD momentum 0.9, forward + backward + step) of the same model,
+    measured one after the other in this run; prints the ratio (goal <= 1.0).
+(b) scipy linear_sum_assignment on a {lap_size}^2 random matrix in [-1, 1] (goal < 1 s).
+
+    python bench/bench_matching.py --device cpu --batches 5     # quick CPU check (the CPU default)
+    python bench/bench_matching.py --device cuda --batches 50   # the goal's setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from lightning_lth.models import build_model
+from lightning_lth.symmetry import check_spec, match
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="batches (= training steps) timed; default 50 on cuda, 5 on cpu "
+                             "(ResNet20x4 trains at a few seconds per step on a small CPU)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed rounds, alternating which of the two runs first; the "
+                             "fastest round of each is reported (helps on a busy machine)")
+    parser.add_argument("--lap-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    device = torch.device(args.device)
+    if args.batches is None:
+        args.batches = 50 if device.type == "cuda" else 5
+    if args.batches < 1:
+        parser.error("--batches must be >= 1")
+
+    torch.manual_seed(args.seed)
+    nets = [build_model("resnet20", args.width, 10, 3, 32).to(device) for _ in range(3)]
+    model_a, model_b, trained = nets
+    gen = torch.Generator().manual_seed(args.seed)
+    data = [(torch.randn(args.batch_size, 3, 32, 32, generator=gen).to(device),
+             torch.randint(0, 10, (args.batch_size,), generator=gen).to(device))
+            for _ in range(args.batches)]
+
+    # warm-up (allocator, cuDNN autotune, thread pools): one forward of each kind, not timed
+    with torch.no_grad():
+        model_a.eval()(data[0][0])
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.08, momentum=0.9, weight_decay=5e-4)
+    trained.train()
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(trained(x), y).backward()
+        optimizer.step()
+
+    step(*data[0])
+    spec = model_a.permutation_spec()
+
+    def train_all():
+        for x, y in data:
+            step(x, y)
+
+    def match_all():
+        return match(model_a, model_b, spec, method="activation", batches=data,
+                     num_batches=args.batches)
+
+    check_s, match_s, train_s = [], [], []
+    for round_ in range(max(args.repeats, 1)):
+        order = ("match", "train") if round_ % 2 == 0 else ("train", "match")
+        for what in order:
+            if what == "match":
+                check_s.append(timed(lambda: check_spec(model_a, spec), device)[0])
+                seconds, pi = timed(match_all, device)
+                match_s.append(seconds)
+            else:
+                train_s.append(timed(train_all, device)[0])
+    check_s, match_s, train_s = min(check_s), min(match_s), min(train_s)
+
+    lap_gen = torch.Generator().manual_seed(args.seed)
+    matrix = (torch.rand(args.lap_size, args.lap_size, generator=lap_gen,
+                         dtype=torch.float64) * 2 - 1).numpy()
+    start = time.perf_counter()
+    linear_sum_assignment(matrix, maximize=True)
+    lap_s = time.perf_counter() - start
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "model": f"resnet20x{args.width}",
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "repeats": max(args.repeats, 1),
+        "activation_match_s": round(match_s, 3),
+        "of_which_spec_check_s": round(check_s, 3),
+        "train_steps_s": round(train_s, 3),
+        "match_over_train_ratio": round(match_s / train_s, 3),
+        "ratio_goal": "<= 1.0",
+        "lap_size": args.lap_size,
+        "lap_s": round(lap_s, 3),
+        "lap_goal": "< 1 s",
+        "groups": len(pi),
+    }
+    print(f"(a) activation matching, {result['model']}, {args.batches} batches x "
+          f"{args.batch_size} on {result['device']}: {match_s:.2f} s (spec check "
+          f"~{check_s:.2f} s); {args.batches} SGD training steps: {train_s:.2f} s; ratio "
+          f"{match_s / train_s:.3f} (goal <= 1.0) -> {'OK' if match_s <= train_s else 'MISSED'}")
+    print(f"(b) linear_sum_assignment {args.lap_size}x{args.lap_size}: {lap_s:.3f} s (goal < 1 "
+          f"s) -> {'OK' if lap_s < 1 else 'MISSED'}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Training images per second: ``Trainer.fit`` of LTHModule vs a bare PyTorch loop.
+
+Both train ResNet20x1 on the same synthetic CIFAR-shaped data, fed by the same
+DeviceLoader (whole split on the device, batched crop + flip + normalisation), batch 128,
+SGD(lr 0.08, momentum 0.9, weight decay 5e-4), with the same precision / channels_last /
+compile settings. The Lightning side is a real Trainer (no logger, checkpointing, progress
+bar, model summary or validation); the bare side is forward, cross-entropy, backward, step.
+``--warmup`` steps (cudnn autotuning, allocator, torch.compile) are excluded: each side
+times ``--steps`` steps from the start of step ``warmup`` (its batch fetched) to the end
+of the last, synchronising the device at both ends. Rounds alternate the two sides; the
+best of each is kept. Ratio = Lightning / bare (goal: >= 0.95).
+
+    python bench/bench_training.py [--device cuda] [--steps 40] [--precision bf16-mixed]
+                                   [--channels-last] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+import warnings
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lightning_lth.data import DATASETS, DeviceLoader
+from lightning_lth.models import build_model
+from lightning_lth.module import LTHModule
+
+MEAN, STD = DATASETS["cifar10"].authors_stats
+LR, MOMENTUM, WEIGHT_DECAY = 0.08, 0.9, 5e-4
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_loader(args, device: torch.device, epoch_fn) -> DeviceLoader:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8,
+                           generator=generator)
+    labels = torch.randint(0, 10, (args.images,), generator=generator)
+    return DeviceLoader(images, labels, args.batch_size, MEAN, STD, train=True, augment=True,
+                        seed=0, device=device, epoch_fn=epoch_fn)
+
+
+class StepTimer(L.Callback):
+    """Wall time from the start of step ``warmup`` to the end of step warmup + steps - 1."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device):
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.start = self.stop = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.warmup + self.steps:
+            sync(self.device)
+            self.stop = time.perf_counter()
+
+
+def lightning_rate(args, device: torch.device) -> float:
+    torch.manual_seed(0)
+    module = LTHModule(arch="resnet20", width=1, num_classes=10, lr=LR, momentum=MOMENTUM,
+                       weight_decay=WEIGHT_DECAY, schedule="constant",
+                       channels_last=args.channels_last, compile=args.compile)
+    timer = StepTimer(args.warmup, args.steps, device)
+    trainer = L.Trainer(accelerator=device.type, devices=1, precision=args.precision,
+                        max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[timer])
+    loader = make_loader(args, device, lambda: trainer.current_epoch)
+    trainer.fit(module, loader)
+    return args.steps * args.batch_size / (timer.stop - timer.start)
+
+
+def bare_rate(args, device: torch.device) -> float:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10, 3, 32).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    if args.compile:
+        model.compile()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
+    epoch = [0]
+    loader = make_loader(args, device, lambda: epoch[0])
+
+    def batches():
+        while True:
+            yield from loader
+            epoch[0] += 1
+
+    model.train()
+    start = None
+    for step, (images, labels) in enumerate(batches()):
+        if step == args.warmup:
+            sync(device)
+            start = time.perf_counter()
+        images = images.contiguous(memory_format=memory_format)
+        autocast = (torch.autocast(device.type, dtype=half) if half is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if step == args.warmup + args.steps - 1:
+            sync(device)
+            return args.steps * args.batch_size / (time.perf_counter() - start)
+    raise AssertionError("unreachable")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    parser.add_argument("--rounds", type=int, default=2, help="best of this many per side")
+    parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--images", type=int, default=10_000,
+                        help="synthetic training images (an epoch boundary may fall inside "
+                             "the timed steps, for both sides alike)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"ResNet20x1, device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
+          f", batch {args.batch_size}, precision {args.precision}, channels_last "
+          f"{args.channels_last}, compile {args.compile}, {args.warmup} warm-up + "
+          f"{args.steps} timed steps x {args.rounds} rounds, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    bare = ours = 0.0
+    for round_index in range(args.rounds):
+        bare_now, ours_now = bare_rate(args, device), lightning_rate(args, device)
+        print(f"  round {round_index + 1}: bare {bare_now:9,.1f} img/s, Lightning "
+              f"{ours_now:9,.1f} img/s", flush=True)
+        bare, ours = max(bare, bare_now), max(ours, ours_now)
+    ratio = ours / bare
+    print(f"bare PyTorch loop     {bare:10,.1f} img/s")
+    print(f"Lightning Trainer.fit {ours:10,.1f} img/s")
+    print(f"ratio {ratio:.3f} (goal >= 0.95): {'met' if ratio >= 0.95 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

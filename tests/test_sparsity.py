@@ -1,0 +1,612 @@
+"""Masks, the fixed-mask invariant of sparse training, and IMP (schedule, pruning, run, resume).
+
+Everything runs a real Lightning Trainer on CPU with tiny random data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lth.errors import LTHError
+from lightning_lth.experiment.config import PruneSettings
+from lightning_lth.io import load_tensors
+from lightning_lth.module import LTHModule
+from lightning_lth.sparsity import imp
+from lightning_lth.sparsity.mask import Mask
+
+PAPER_TARGETS = [0.8, 0.9, 0.95, 0.97]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The CPU is shared: two torch threads competing with other processes run ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- helpers --------------------------------------------------------------------------------
+class TinyData(L.LightningDataModule):
+    """Random images and labels; the test split is the training split."""
+
+    def __init__(self, shape=(1, 8, 8), count=64, batch_size=16, classes=10, seed=0,
+                 poison_batch: int | None = None):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(count, *shape, generator=generator)
+        self.labels = torch.randint(0, classes, (count,), generator=generator)
+        if poison_batch is not None:  # overflows fp16: the GradScaler skips that step
+            self.images[poison_batch * batch_size:(poison_batch + 1) * batch_size] = 1e30
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size,
+                          shuffle=True)
+
+    def test_dataloader(self):
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=len(self.labels))
+
+
+def make_trainer(max_epochs, callbacks=(), logger=False, **kwargs):
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=logger,
+                     callbacks=list(callbacks), enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def tiny_mlp(seed=0, **hparams):
+    torch.manual_seed(seed)
+    return LTHModule("mlp", 1, 10, 1, 8, arch_kwargs={"hidden": (32, 32)}, **hparams)
+
+
+def random_mask(net, sparsity=0.8, seed=1, names=None):
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(net.named_parameters())
+    names = names or imp.prunable_names(net)
+    return Mask({name: torch.rand(params[name].shape, generator=generator) >= sparsity
+                 for name in names}, {})
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class StepCheck(L.Callback):
+    """After every optimizer step: every masked weight is exactly 0.0.
+
+    ``on_train_batch_end`` runs after the step; an optimizer step-post hook registered after
+    the module's (hooks run in order) counts the steps really taken. ``poison_dead_grads``
+    writes 1.0 into the gradients of masked weights just before the step, so only the
+    module's step-post hook can keep them at 0.0.
+    """
+
+    def __init__(self, poison_dead_grads=False, fail_at_batch=None):
+        self.poison_dead_grads, self.fail_at_batch = poison_dead_grads, fail_at_batch
+        self.batches = self.steps_taken = 0
+        self.violations, self.dead_grad_nonzero = [], 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = {name: p.detach().clone() for name, p in pl_module.net.named_parameters()}
+        self.dead = {name: ~keep for name, keep in pl_module.mask.tensors.items()}
+        self._post_hooks_before = len(trainer.optimizers[0]._optimizer_step_post_hooks)
+        trainer.optimizers[0].register_step_post_hook(self._count)
+
+    def _count(self, *_):
+        self.steps_taken += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = dict(pl_module.net.named_parameters())
+        for name, dead in self.dead.items():
+            grad = params[name].grad
+            if self.poison_dead_grads:
+                grad.masked_fill_(dead, 1.0)
+            elif bool(((grad != 0) & dead).any()):
+                self.dead_grad_nonzero += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+        params = dict(pl_module.net.named_parameters())
+        for name, dead in self.dead.items():
+            revived = (params[name].detach() != 0) & dead
+            if bool(revived.any()):
+                self.violations.append((self.batches, name, int(revived.sum())))
+        if self.fail_at_batch is not None and self.batches == self.fail_at_batch:
+            raise SimulatedCrash(f"simulated crash at batch {self.batches}")
+
+    def kept_weights_moved(self, net, mask) -> bool:
+        params = dict(net.named_parameters())
+        return all(not torch.equal(params[n].detach()[k], self.start[n][k])
+                   for n, k in mask.tensors.items())
+
+
+# -- the invariant: masked weights are exactly 0.0 after every optimizer step -------------
+INVARIANT_CASES = {
+    # name: (arch, data shape, batch size, module kwargs, trainer kwargs, StepCheck kwargs)
+    "resnet20": ("resnet20", (3, 32, 32), 4, {}, {}, {}),
+    "vgg11": ("vgg11", (3, 32, 32), 2, {}, {}, {}),
+    "mlp": ("mlp", (1, 28, 28), 8, {}, {}, {}),
+    "mlp-clip-norm": ("mlp", (1, 28, 28), 8, {}, {"gradient_clip_val": 0.05}, {}),
+    "mlp-clip-value": ("mlp", (1, 28, 28), 8, {},
+                       {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "value"}, {}),
+    "mlp-bf16": ("mlp", (1, 28, 28), 8, {}, {"precision": "bf16-mixed"}, {}),
+    "mlp-bf16-poisoned-grads": ("mlp", (1, 28, 28), 8, {}, {"precision": "bf16-mixed"},
+                                {"poison_dead_grads": True}),
+    "resnet20-poisoned-grads": ("resnet20", (3, 32, 32), 4, {}, {"gradient_clip_val": 1.0},
+                                {"poison_dead_grads": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(INVARIANT_CASES))
+def test_masked_weights_stay_zero_after_every_step(case):
+    arch, shape, batch, module_kwargs, trainer_kwargs, check_kwargs = INVARIANT_CASES[case]
+    torch.manual_seed(0)
+    module = LTHModule(arch, 1, 10, shape[0], shape[1], lr=0.05, momentum=0.9,
+                       weight_decay=5e-4, **module_kwargs)
+    module.mask = random_mask(module.net)
+    check = StepCheck(**check_kwargs)
+    data = TinyData(shape, count=50 * batch, batch_size=batch)
+    make_trainer(1, [check], **trainer_kwargs).fit(module, datamodule=data)
+    assert check.batches == 50 and check.steps_taken == 50
+    assert check.violations == []
+    if not check.poison_dead_grads:
+        assert check.dead_grad_nonzero == 0  # the gradient hook zeroed them
+    assert check.kept_weights_moved(module.net, module.mask)  # training really happened
+    # the hooks are gone after fit: without them a masked weight could move again
+    assert all(not p._backward_hooks for p in module.net.parameters())
+
+
+def test_masked_weights_stay_zero_when_the_grad_scaler_skips_a_step():
+    """fp16 AMP with a GradScaler (CPU): an overflowing batch skips optimizer.step(), so the
+    step-post hook is not called for it; the weights, masked ones included, stay as they were."""
+    module = tiny_mlp(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    module.mask = random_mask(module.net)
+    check = StepCheck(poison_dead_grads=True)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    data = TinyData((1, 8, 8), count=60 * 4, batch_size=4, poison_batch=3)
+    make_trainer(1, [check], plugins=[plugin]).fit(module, datamodule=data)
+    assert check.batches == 60
+    assert check.steps_taken < 60  # at least the poisoned batch's step was skipped
+    assert check.steps_taken >= 50
+    assert check.violations == []
+
+
+def test_hooks_of_a_crashed_fit_do_not_leak_into_the_next_fit():
+    """A fit that dies mid-way never reaches on_fit_end; the next fit, with another mask,
+    must not keep zeroing gradients with the old mask."""
+    module = tiny_mlp(lr=0.1, momentum=0.9)
+    first = random_mask(module.net, 0.5, seed=1)
+    module.mask = first
+    with pytest.raises(SimulatedCrash):
+        make_trainer(1, [StepCheck(fail_at_batch=2)]).fit(module, datamodule=TinyData())
+    second = Mask({name: ~keep for name, keep in first.tensors.items()}, {})
+    module.mask = second
+    check = StepCheck()
+    make_trainer(1, [check]).fit(module, datamodule=TinyData())
+    assert check.violations == [] and check.dead_grad_nonzero == 0
+    # weights kept by the second mask (all pruned to 0.0 by the first) must train
+    assert check.kept_weights_moved(module.net, second)
+
+
+def test_a_mask_that_does_not_fit_fails_at_fit_start_with_lth_error():
+    module = tiny_mlp()
+    module.mask = Mask({"layers.0.weight": torch.ones(3, 3, dtype=torch.bool)}, {})
+    with pytest.raises(LTHError, match="shape"):
+        make_trainer(1).fit(module, datamodule=TinyData())
+
+
+# -- Mask ------------------------------------------------------------------------------------
+def test_mask_save_load_round_trip(tmp_path):
+    net = tiny_mlp().net
+    mask = random_mask(net, 0.7)
+    mask.meta = {"model": "mlp", "width": 1, "target_sparsity": 0.7, "round": 3}
+    mask.save(tmp_path / "m.pt")
+    loaded = Mask.load(tmp_path / "m.pt")
+    assert list(loaded.tensors) == list(mask.tensors)
+    for name, keep in mask.tensors.items():
+        assert loaded.tensors[name].dtype == torch.bool
+        assert torch.equal(loaded.tensors[name], keep)
+    for key, value in mask.meta.items():
+        assert loaded.meta[key] == value
+    assert loaded.sparsity() == mask.sparsity()
+    assert loaded.meta["actual_sparsity"] == pytest.approx(mask.sparsity())
+    assert loaded.layer_sparsity() == mask.layer_sparsity()
+    loaded.check_fits(net, "mlp", 1)
+
+
+def test_check_fits_errors():
+    net = tiny_mlp().net
+    good = random_mask(net)
+    good.meta = {"model": "mlp", "width": 1}
+    wrong_name = Mask({"layers.9.weight": torch.ones(32, 64, dtype=torch.bool)}, {})
+    with pytest.raises(LTHError, match="layers.9.weight"):
+        wrong_name.check_fits(net)
+    wrong_shape = Mask({"layers.0.weight": torch.ones(64, 32, dtype=torch.bool)}, {})
+    with pytest.raises(LTHError, match=r"\(64, 32\)"):
+        wrong_shape.check_fits(net)
+    with pytest.raises(LTHError, match="model"):
+        good.check_fits(net, "resnet20", 1)
+    with pytest.raises(LTHError, match="width"):
+        good.check_fits(net, "mlp", 2)
+    good.check_fits(net, "mlp", 1)
+
+
+def test_bad_mask_files_give_lth_error(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator()
+                                      .manual_seed(0), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(LTHError, match="corrupt"):
+        Mask.load(corrupt)
+    with pytest.raises(LTHError, match="not found"):
+        Mask.load(tmp_path / "missing.pt")
+    torch.save({"state_dict": {}}, tmp_path / "weights.pt")
+    with pytest.raises(LTHError, match="not a lightning_lth mask"):
+        Mask.load(tmp_path / "weights.pt")
+    for bad in ({"meta": 5}, {"meta": {"format": "lightning_lth.mask/1"}, "masks": [1, 2]},
+                {"meta": {"format": "lightning_lth.mask/1"}, "masks": {"a": 3}}):
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(LTHError):
+            Mask.load(tmp_path / "bad.pt")
+
+
+# -- which weights are pruned ----------------------------------------------------------------
+def test_prunable_names_defaults():
+    resnet = LTHModule("resnet20").net
+    names = imp.prunable_names(resnet)
+    assert "conv1.weight" in names and "fc.weight" in names
+    assert "stages.0.0.conv2.weight" in names
+    assert not any("shortcut" in n or "bn" in n or n.endswith("bias") for n in names)
+    assert len(names) == 1 + 18 + 1  # stem, 9 blocks x 2 convs, fc
+    vgg = LTHModule("vgg11").net
+    assert imp.prunable_names(vgg) == [f"features.{i}.weight" for i in
+                                       (0, 3, 6, 8, 11, 13, 16, 18)] + ["classifier.weight"]
+    mlp = tiny_mlp().net
+    assert imp.prunable_names(mlp) == ["layers.0.weight", "layers.2.weight",
+                                       "classifier.weight"]
+    # include/exclude patterns
+    assert imp.prunable_names(mlp, ["layers.*"], []) == ["layers.0.weight", "layers.2.weight"]
+    assert imp.prunable_names(mlp, None, ["classifier.*"]) == ["layers.0.weight",
+                                                              "layers.2.weight"]
+    assert imp.prunable_names(mlp, ["*"], []) == ["layers.0.weight", "layers.2.weight",
+                                                 "classifier.weight"]  # never biases
+    with_shortcuts = imp.prunable_names(resnet, ["*.weight"], ["*bn*"])
+    assert "stages.1.0.shortcut.0.weight" in with_shortcuts
+    with pytest.raises(LTHError, match="no prunable weights"):
+        imp.prunable_names(mlp, ["nothing*"], [])
+
+
+# -- the schedule ----------------------------------------------------------------------------
+def resnet20_prunable():
+    net = LTHModule("resnet20").net
+    params = dict(net.named_parameters())
+    return sum(params[n].numel() for n in imp.prunable_names(net))
+
+
+@pytest.mark.parametrize("prunable", [resnet20_prunable(), 10_000, 123_457, 25_000_000])
+def test_schedule_paper_targets_round_counts(prunable):
+    shared = imp.imp_schedule(prunable, PAPER_TARGETS, 0.2, "shared")
+    landed = {r.target: r.step for r in shared if r.target is not None}
+    assert landed == {0.8: 8, 0.9: 11, 0.95: 14, 0.97: 16}
+    assert len(shared) == 16
+    zeros = [r.zeros for r in shared]
+    assert zeros == sorted(set(zeros))  # strictly increasing: masks nest
+    for r in shared:
+        if r.target is not None:
+            assert r.zeros == round(r.target * prunable)
+    per_target = imp.imp_schedule(prunable, PAPER_TARGETS, 0.2, "per_target")
+    assert len(per_target) == 8 + 11 + 14 + 16
+    assert [r.index for r in per_target] == list(range(1, 50))
+    for chain, target in enumerate(PAPER_TARGETS):
+        rounds = [r for r in per_target if r.chain == chain]
+        assert [r.step for r in rounds] == list(range(1, len(rounds) + 1))
+        assert len(rounds) == {0.8: 8, 0.9: 11, 0.95: 14, 0.97: 16}[target]
+        assert rounds[-1].target == target and rounds[-1].zeros == round(target * prunable)
+        assert all(r.target is None for r in rounds[:-1])
+        live = prunable
+        for r in rounds[:-1]:  # every round but the last removes 20% of the live weights
+            assert live - (prunable - r.zeros) == round(0.2 * live)
+            live = prunable - r.zeros
+        assert rounds[-1].zeros - rounds[-2].zeros <= round(0.2 * live)  # lands, no overshoot
+
+
+def test_schedule_shared_prefix_equals_per_target_chain():
+    prunable = 50_000
+    shared = imp.imp_schedule(prunable, [0.8], 0.2, "shared")
+    assert shared == imp.imp_schedule(prunable, [0.8], 0.2, "per_target")
+    assert [r.zeros for r in shared[:7]] == [r.zeros for r in
+                                            imp.imp_schedule(prunable, [0.95], 0.2, "shared")[:7]]
+
+
+def test_schedule_target_zero_and_small_counts():
+    rounds = imp.imp_schedule(100, [0.0, 0.5], 0.5, "shared")
+    assert [(r.step, r.zeros, r.target) for r in rounds] == [(0, 0, 0.0), (1, 50, 0.5)]
+    rounds = imp.imp_schedule(10, [0.9], 0.01, "shared")  # 1% of 10 rounds to 0: prune >= 1
+    assert [r.zeros for r in rounds] == list(range(1, 10))
+
+
+@pytest.mark.parametrize("targets, match", [
+    ([0.8, 0.8], "0.8.*strictly increasing"),
+    ([0.9, 0.8], "0.8.*strictly increasing"),
+    ([1.0], r"1\.0.*\[0, 1\)"),
+    ([0.5, 1.5], r"1\.5.*\[0, 1\)"),
+    ([-0.1], r"-0\.1.*\[0, 1\)"),
+    ([float("nan")], r"nan.*\[0, 1\)"),
+    (["0.8"], r"'0\.8'.*\[0, 1\)"),
+    ([True], r"True.*\[0, 1\)"),
+    ([], r"\[\].*non-empty"),
+    (0.8, r"0\.8.*non-empty list"),
+])
+def test_bad_targets_give_lth_error(targets, match):
+    with pytest.raises(LTHError, match=match):
+        imp.check_targets(targets)
+    with pytest.raises(LTHError, match=match):
+        imp.imp_schedule(1000, targets, 0.2, "shared")
+
+
+def test_bad_schedule_settings_give_lth_error():
+    with pytest.raises(LTHError, match="fraction"):
+        imp.imp_schedule(1000, [0.8], 1.0, "shared")
+    with pytest.raises(LTHError, match="fraction"):
+        imp.imp_schedule(1000, [0.8], 0, "shared")
+    with pytest.raises(LTHError, match="chain.*'both'"):
+        imp.imp_schedule(1000, [0.8], 0.2, "both")
+    with pytest.raises(LTHError, match="0.81.*same"):
+        imp.imp_schedule(10, [0.8, 0.81], 0.2, "shared")
+    with pytest.raises(LTHError, match="0.99.*all"):
+        imp.imp_schedule(10, [0.99], 0.2, "shared")
+
+
+# -- the pruning step ------------------------------------------------------------------------
+def test_prune_global_l1_is_exact_global_nested_and_permanent():
+    net = tiny_mlp().net
+    names = imp.prunable_names(net)
+    with torch.no_grad():  # many ties: exact counts must not depend on distinct magnitudes
+        net.layers[0].weight.copy_(torch.randint(-3, 4, net.layers[0].weight.shape) * 0.01)
+    params_before = dict(net.named_parameters())
+    order_before = [name for name, _ in net.named_parameters()]
+    total = sum(params_before[n].numel() for n in names)
+    first = imp.prune_global_l1(net, names, None, 1000)
+    assert first.zeros == 1000 and first.total == total
+    second = imp.prune_global_l1(net, names, first, 700)
+    assert second.zeros == 1700
+    params = dict(net.named_parameters())
+    for name in names:
+        assert not bool((first.tensors[name] < second.tensors[name]).any())  # nested
+        assert bool((params[name][~second.tensors[name]] == 0).all())
+        assert params[name] is params_before[name]  # the same Parameter objects
+    assert [name for name, _ in net.named_parameters()] == order_before
+    assert not any(hasattr(m, "weight_orig") or hasattr(m, "weight_mask") or
+                   m._forward_pre_hooks for m in net.modules())
+    assert not any(n.endswith(("_orig", "_mask")) for n in net.state_dict())
+
+
+def test_prune_global_l1_picks_the_smallest_magnitudes_across_layers():
+    net = tiny_mlp().net
+    names = imp.prunable_names(net)
+    params = dict(net.named_parameters())
+    before = {n: params[n].detach().clone() for n in names}
+    mask = imp.prune_global_l1(net, names, None, 1500)
+    pruned = torch.cat([before[n][~mask.tensors[n]].abs() for n in names])
+    kept = torch.cat([before[n][mask.tensors[n]].abs() for n in names])
+    assert pruned.numel() == 1500 and pruned.max() <= kept.min()
+    # the classifier (small init scale) and the first layer are both pruned: one global cut
+    assert 0 < mask.layer_sparsity()["layers.0.weight"] < 1
+
+
+# -- IMP runs --------------------------------------------------------------------------------
+class FitCounter(L.Callback):
+    def __init__(self):
+        self.fits = 0
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fits += 1
+
+
+def imp_settings(**over):
+    settings = PruneSettings(fraction=0.5, epochs_per_round=1, lr=0.05)
+    for key, value in over.items():
+        setattr(settings, key, value)
+    return settings
+
+
+def prunable_count(net, settings):
+    params = dict(net.named_parameters())
+    return sum(params[n].numel() for n in imp.prunable_names(net, settings.include,
+                                                             settings.exclude))
+
+
+def test_imp_shared_chain_lands_on_every_paper_target(tmp_path):
+    module = tiny_mlp()
+    dense_bias = module.net.layers[0].bias.detach().clone()
+    settings = imp_settings(fraction=0.2)
+    counter = FitCounter()
+    logger_dir = tmp_path / "logs"
+
+    def trainer_for(max_epochs):
+        assert max_epochs == 1
+        return make_trainer(max_epochs, [counter],
+                            logger=CSVLogger(logger_dir, name="imp", version=""))
+
+    log = imp.run_imp(module, TinyData(), trainer_for, PAPER_TARGETS, settings,
+                      tmp_path / "imp", {"model": "mlp", "width": 1}, seed=0)
+    prunable = prunable_count(module.net, settings)
+    assert counter.fits == 16 and len(log) == 16
+    assert module.hparams.lr == 0.05 and module.hparams.momentum == 0.0
+    previous = None
+    for target, rounds in zip(PAPER_TARGETS, (8, 11, 14, 16), strict=True):
+        mask = Mask.load(imp.mask_path(tmp_path / "imp", target))
+        assert mask.zeros == round(target * prunable)
+        assert mask.meta["target_sparsity"] == target and mask.meta["round"] == rounds
+        assert mask.meta["model"] == "mlp" and mask.meta["width"] == 1
+        mask.check_fits(module.net, "mlp", 1)
+        if previous is not None:  # nested along the chain
+            for name, keep in mask.tensors.items():
+                assert not bool((keep & ~previous.tensors[name]).any())
+        previous = mask
+        weights = load_tensors(imp.weights_path(tmp_path / "imp", target))
+        assert set(weights) == {"state_dict", "epoch", "meta"}
+        assert weights["epoch"] == rounds
+        assert weights["meta"]["target_sparsity"] == target
+        for name, keep in mask.tensors.items():
+            assert bool((weights["state_dict"][name][~keep] == 0).all())
+            assert bool((weights["state_dict"][name][keep] != 0).all())
+    assert not torch.equal(module.net.layers[0].bias, dense_bias)  # the rounds trained
+    rounds_json = json.loads((tmp_path / "imp" / "rounds.json").read_text())
+    assert rounds_json == log
+    assert [r["round"] for r in log] == list(range(1, 17))
+    assert [r["target"] for r in log if r["target"] is not None] == PAPER_TARGETS
+    for entry in log:
+        assert entry["zeros"] == round(entry["sparsity"] * prunable)
+        assert 0 <= entry["test_acc"] <= 1 and entry["test_loss"] > 0
+    assert sorted(p.name for p in (tmp_path / "imp" / "rounds").iterdir()) == ["round_16.pt"]
+    # global and per-layer sparsity went to the trainer's logger
+    rows = list(csv.DictReader(open(logger_dir / "imp" / "metrics.csv")))
+    logged = [float(r["imp/sparsity"]) for r in rows if r.get("imp/sparsity")]
+    assert logged[-1] == pytest.approx(log[-1]["sparsity"])
+    assert any(r.get("sparsity/layers.0.weight") for r in rows)
+
+
+def test_imp_per_target_chains_restart_from_dense(tmp_path):
+    module = tiny_mlp()
+    settings = imp_settings(chain="per_target")
+    names = imp.prunable_names(module.net)
+    prunable = prunable_count(module.net, settings)
+    dense_net = tiny_mlp().net
+    expected_first = imp.prune_global_l1(dense_net, names, None, round(0.5 * prunable))
+    counter = FitCounter()
+    log = imp.run_imp(module, TinyData(), lambda e: make_trainer(e, [counter]), [0.5, 0.8],
+                      settings, tmp_path, {}, seed=0, keep_rounds=True)
+    assert [(r["chain"], r["round"], r["target"]) for r in log] == [
+        (0, 1, 0.5), (1, 1, None), (1, 2, None), (1, 3, 0.8)]
+    assert counter.fits == 4
+    for target in (0.5, 0.8):
+        assert Mask.load(imp.mask_path(tmp_path, target)).zeros == round(target * prunable)
+    # chain 2's first round prunes the dense weights, exactly like chain 1's
+    restart = load_tensors(imp.round_path(tmp_path, 2))
+    for name in names:
+        assert torch.equal(restart["mask"][name], expected_first.tensors[name])
+        assert torch.equal(Mask.load(imp.mask_path(tmp_path, 0.5)).tensors[name],
+                           expected_first.tensors[name])
+
+
+def test_imp_target_zero_is_the_dense_net(tmp_path):
+    module = tiny_mlp()
+    dense = {k: v.clone() for k, v in module.net.state_dict().items()}
+    counter = FitCounter()
+    log = imp.run_imp(module, TinyData(), lambda e: make_trainer(e, [counter]), [0.0, 0.5],
+                      imp_settings(), tmp_path, {}, seed=0)
+    assert [(r["round"], r["zeros"], r["target"]) for r in log] == [
+        (0, 0, 0.0), (1, log[1]["zeros"], 0.5)]
+    assert counter.fits == 1
+    assert Mask.load(imp.mask_path(tmp_path, 0.0)).zeros == 0
+    saved = load_tensors(imp.weights_path(tmp_path, 0.0))["state_dict"]
+    assert all(torch.equal(saved[k], dense[k]) for k in dense)
+
+
+RESUME_TARGETS = [0.5, 0.75, 0.9]  # fraction 0.5: rounds 1, 2, 4 land on them
+
+
+def run(tmp_path, counter=None, crash_at_round=None, keep_rounds=False, seed=0,
+        settings=None):
+    module = tiny_mlp(seed=seed)
+    calls = {"n": 0}
+
+    def trainer_for(max_epochs):
+        calls["n"] += 1
+        callbacks = [counter] if counter else []
+        if crash_at_round == calls["n"]:
+            callbacks.append(StepCheck(fail_at_batch=2))
+        return make_trainer(max_epochs, callbacks)
+
+    log = imp.run_imp(module, TinyData(), trainer_for, RESUME_TARGETS,
+                      settings or imp_settings(), tmp_path, {"model": "mlp", "width": 1},
+                      seed=0, keep_rounds=keep_rounds)
+    return log, module
+
+
+def outputs(folder):
+    return {target: (Mask.load(imp.mask_path(folder, target)).tensors,
+                     load_tensors(imp.weights_path(folder, target))["state_dict"])
+            for target in RESUME_TARGETS}
+
+
+def assert_same_outputs(a, b):
+    for target in RESUME_TARGETS:
+        for part in (0, 1):
+            assert a[target][part].keys() == b[target][part].keys()
+            for key in a[target][part]:
+                assert torch.equal(a[target][part][key], b[target][part][key]), (target, key)
+
+
+@pytest.fixture
+def reference(tmp_path):
+    log, _ = run(tmp_path / "reference")
+    assert len(log) == 4
+    return log, outputs(tmp_path / "reference")
+
+
+def test_imp_resume_after_a_crash_retrains_only_the_unfinished_round(tmp_path, reference):
+    folder = tmp_path / "crashed"
+    counter = FitCounter()
+    with pytest.raises(SimulatedCrash):
+        run(folder, counter, crash_at_round=3)
+    assert counter.fits == 3  # rounds 1, 2 finished, round 3 died mid-epoch
+    assert json.loads((folder / "rounds.json").read_text()) == reference[0][:2]
+    counter = FitCounter()
+    log, _ = run(folder, counter)
+    assert counter.fits == 2  # rounds 3 and 4 only
+    assert log == reference[0]
+    assert json.loads((folder / "rounds.json").read_text()) == reference[0]
+    assert_same_outputs(outputs(folder), reference[1])
+    counter = FitCounter()  # a finished run: nothing is retrained
+    assert run(folder, counter)[0] == reference[0] and counter.fits == 0
+
+
+def test_imp_resume_after_losing_the_last_round(tmp_path, reference):
+    folder = tmp_path / "kept"
+    log, _ = run(folder, keep_rounds=True)
+    assert log == reference[0]
+    assert sorted(p.name for p in (folder / "rounds").iterdir()) == [
+        f"round_{i}.pt" for i in range(1, 5)]
+    for path in (imp.round_path(folder, 4), imp.mask_path(folder, 0.9),
+                 imp.weights_path(folder, 0.9)):
+        path.unlink()
+    counter = FitCounter()
+    log, module = run(folder, counter, keep_rounds=True)
+    assert counter.fits == 1 and log == reference[0]
+    assert_same_outputs(outputs(folder), reference[1])
+    # a lost target file of a finished round is rewritten from its round file, no training
+    imp.mask_path(folder, 0.5).unlink()
+    counter = FitCounter()
+    assert run(folder, counter, keep_rounds=True)[0] == reference[0] and counter.fits == 0
+    assert_same_outputs(outputs(folder), reference[1])
+
+
+def test_imp_resume_refuses_another_run(tmp_path):
+    folder = tmp_path / "imp"
+    run(folder)
+    with pytest.raises(LTHError, match="fraction"):
+        run(folder, settings=imp_settings(fraction=0.4))
+    with pytest.raises(LTHError, match="'dense'"):
+        run(folder, seed=5)  # other dense weights
+    imp.mask_path(folder, 0.5).unlink()  # lost, and its round file is gone
+    with pytest.raises(LTHError, match="mask_0.5000.pt"):
+        run(folder)
+    (folder / "rounds" / "round_4.pt").write_bytes(b"garbage")
+    with pytest.raises(LTHError, match="corrupt"):
+        run(folder)
+
+
+def test_mask_and_weight_file_names():
+    assert imp.mask_path("out", 0.8).name == "mask_0.8000.pt"
+    assert imp.weights_path("out", 0.97).name == "weights_0.9700.pt"
+    assert imp.mask_path("out", 0.8) == imp.mask_path("out", 0.8000000001)
+    assert math.isclose(float(imp.target_tag(0.95)), 0.95)
