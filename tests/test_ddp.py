@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import run_cli
+from test_experiment import NO_WANDB, events, records, tiny_config
+
 from lightning_lth.io import load_tensors
 from lightning_lth.sparsity.mask import Mask
-from test_experiment import NO_WANDB, events, records, tiny_config
 
 
 def test_ddp_two_cpu_ranks_agree_and_write_once(tmp_path):

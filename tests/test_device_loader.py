@@ -24,16 +24,6 @@ NORM_ATOL = 1e-6
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP waits, which become seconds per op
-    when the CPU's cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_images(count, channels=3, size=32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (count, channels, size, size), dtype=torch.uint8,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, run_cli, write_idx_dataset
+
 from lightning_lth.cli import main, make_cli
 from lightning_lth.experiment.pipeline import Pipeline
 

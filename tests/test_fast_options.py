@@ -28,16 +28,6 @@ ARCHS = {"resnet8": ("resnet20", {"blocks_per_stage": 1}), "mlp": ("mlp", {"hidd
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP waits, which become seconds per op
-    when the CPU's cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quadrant_task(count: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 4, (count,), generator=generator)

@@ -26,15 +26,6 @@ from lightning_lth.sparsity.mask import Mask
 PAPER_TARGETS = [0.8, 0.9, 0.95, 0.97]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: two torch threads competing with other processes run ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- helpers --------------------------------------------------------------------------------
 class TinyData(L.LightningDataModule):
     """Random images and labels; the test split is the training split."""

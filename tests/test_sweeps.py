@@ -55,7 +55,7 @@ def test_sampled_cells_resolve_through_the_cli(name, tmp_path, capsys, monkeypat
     keys = list(sweep["parameters"])
     grid = list(itertools.product(*(sweep["parameters"][k]["values"] for k in keys)))
     for values in [grid[0], grid[-1], *random.Random(0).sample(grid, 3)]:
-        argv = agent_argv(sweep, dict(zip(keys, values)))
+        argv = agent_argv(sweep, dict(zip(keys, values, strict=True)))
         assert argv[:4] == ["python", "-m", "lightning_lth", "experiment"]
         # plan: the same parser and cell resolution as `experiment`, without training.
         code = main(["plan", *argv[4:], f"--study.store={tmp_path}",
@@ -64,7 +64,7 @@ def test_sampled_cells_resolve_through_the_cli(name, tmp_path, capsys, monkeypat
         assert code == 0, out.err[-2000:]
         plan = json.loads(out.out[out.out.index("{"):])
         (cell,) = plan["cells"]
-        params = dict(zip(keys, values))
+        params = dict(zip(keys, values, strict=True))
         assert cell["arm"] == params["study.only.arm"]
         assert cell["sparsity"] == params["study.only.sparsity"]
         assert cell["rewind_epoch"] == params["study.only.rewind_epoch"]

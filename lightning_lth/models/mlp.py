@@ -16,7 +16,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = [in_channels * image_size * image_size] + [h * width for h in hidden]
         layers = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         self.layers = nn.Sequential(*layers)
         self.classifier = nn.Linear(sizes[-1], num_classes)
