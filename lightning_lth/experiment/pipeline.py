@@ -204,9 +204,10 @@ class Pipeline:
 
     # -- running stages --------------------------------------------------------------------
     def _trainer(self, workdir: Path, max_epochs: int, stage: Stage, job_type: str,
-                 callbacks=(), resumable: bool = True, extra_config: dict | None = None):
-        loggers = [CSVLogger(workdir, name="logs", version="")]
-        wandb = self._wandb_logger(stage, job_type, extra_config or {})
+                 callbacks=(), resumable: bool = True, extra_config: dict | None = None,
+                 log_version: str = "", use_wandb: bool = True):
+        loggers = [CSVLogger(workdir, name="logs", version=log_version)]
+        wandb = self._wandb_logger(stage, job_type, extra_config or {}) if use_wandb else None
         if wandb is not None:
             loggers.append(wandb)
         callbacks = list(callbacks) + [RichProgressBar(leave=True)]
@@ -285,12 +286,24 @@ class Pipeline:
             module = LTHModule(**{**self.model_kwargs, "lr": prune.lr, "momentum": prune.momentum,
                                   "weight_decay": prune.weight_decay, "init_weights": dense})
 
+            trainers = []
+
             def make_trainer(max_epochs: int):
-                return self._trainer(work, max_epochs, stage, "imp", resumable=False)
+                # One CSV log per round; W&B gets the per-round table below, one step a round
+                # (each round's trainer restarts its step count).
+                trainers.append(self._trainer(work, max_epochs, stage, "imp", resumable=False,
+                                              log_version=f"trainer_{len(trainers)}",
+                                              use_wandb=False))
+                return trainers[-1]
 
             meta = {"model": self.model_kwargs["arch"], "width": self.model_kwargs["width"]}
-            imp.run_imp(module, self.datamodule, make_trainer, self.study.sparsities, prune,
-                        work, meta)
+            log = imp.run_imp(module, self.datamodule, make_trainer, self.study.sparsities,
+                              prune, work, meta)
+            wandb = self._wandb_logger(stage, "imp", {}) if self.store.is_writer else None
+            for entry in log if wandb is not None else []:
+                wandb.log_metrics({f"imp/{key}": entry[key] for key in
+                                   ("sparsity", "zeros", "test_acc", "test_loss")
+                                   if entry.get(key) is not None}, step=entry["index"])
 
         return self._run(stage, compute)
 
