@@ -36,16 +36,23 @@ class RewindSnapshots(L.Callback):
     """
 
     def __init__(self, epochs: list[int] = (0,), dirpath: str | None = None,
-                 save_final: bool = True):
+                 save_final: bool = True, overwrite: bool = False):
         self.epochs = check_rewind_epochs(epochs)
         self.dirpath = Path(dirpath) if dirpath else None
         self.save_final = save_final
+        self.overwrite = overwrite  # the pipeline's own scratch folder may hold a killed try's
 
     def setup(self, trainer, pl_module, stage):
-        if stage == "fit":
-            check_rewind_epochs(self.epochs, trainer.max_epochs)
-            if self.dirpath is None:
-                self.dirpath = Path(trainer.log_dir or trainer.default_root_dir) / "rewind"
+        if stage != "fit":
+            return
+        check_rewind_epochs(self.epochs, trainer.max_epochs)
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.log_dir or trainer.default_root_dir) / "rewind"
+        existing = sorted(p.name for p in self.dirpath.glob("*.pt")) if self.dirpath.is_dir() \
+            else []
+        if existing and not self.overwrite and trainer.ckpt_path is None:
+            raise LTHError(f"{self.dirpath} already holds snapshots ({', '.join(existing[:3])}"
+                           f"...); choose another dirpath, or resume with --ckpt_path")
 
     def _save(self, trainer, pl_module, name: str, epoch: int) -> None:
         if not trainer.is_global_zero:

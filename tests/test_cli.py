@@ -374,3 +374,18 @@ def test_snapshots_load_weights_only_and_nothing_else(runs, tmp_path):
     torch.save({"state_dict": data["state_dict"], "extra": NotATensor()}, smuggled)
     with pytest.raises(LTHError, match="unreadable or corrupt"):
         load_snapshot(str(smuggled))
+
+
+def test_snapshots_never_overwrite_an_earlier_runs(runs, tmp_path):
+    """A second fit into a folder that already holds snapshots stops before training."""
+    _, _, _, rewind = runs["one"]
+    before = {p.name: p.read_bytes() for p in rewind.iterdir()}
+    model = LTHModule(arch="mlp", num_classes=10, in_channels=1, image_size=28)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path,
+                        callbacks=[RewindSnapshots((0, 1), dirpath=str(rewind))])
+    with pytest.raises(LTHError, match="already holds snapshots"):
+        trainer.fit(model, LTHDataModule("fashion_mnist", str(write_idx_dataset(tmp_path)),
+                                         download=False))
+    assert {p.name: p.read_bytes() for p in rewind.iterdir()} == before

@@ -260,7 +260,8 @@ class Pipeline:
         def compute(work: Path) -> None:
             L.seed_everything(stage.settings["seed"], workers=True)
             module = LTHModule(**self.model_kwargs)
-            snapshots = RewindSnapshots(self.study.rewind_epochs, dirpath=str(work / "rewind"))
+            snapshots = RewindSnapshots(self.study.rewind_epochs, dirpath=str(work / "rewind"),
+                                        overwrite=True)
             trainer = self._trainer(work, self.epochs, stage, "dense", [snapshots],
                                     extra_config={"seed": stage.settings["seed"]})
             trainer.fit(module, self.datamodule, ckpt_path=self._resume_from(work))
