@@ -253,50 +253,42 @@ def _dense_line(ax, records: list[dict]) -> None:
                color="black", linestyle="--", linewidth=1, label="dense")
 
 
-def plot_vs_k(records: list[dict], title: str) -> bytes:
-    """Figs. 3/4: one panel per sparsity, accuracy vs rewind epoch k."""
+def _accuracy_panels(records: list[dict], title: str, panels: list, panel_of, x_of,
+                     panel_title, xlabel: str) -> bytes:
+    """One panel per value of ``panel_of(cell)``: accuracy vs ``x_of(cell)`` per method."""
     cells = cell_stats(records)
-    sparsities = sorted({s for s, _, _ in cells})
-    fig, axes = _grid(len(sparsities))
-    for ax, s in zip(axes, sparsities, strict=True):
+    fig, axes = _grid(len(panels))
+    for ax, panel in zip(axes, panels, strict=True):
         for m in METHODS:
-            pts = sorted((k, mean, std) for (s2, m2, k), (mean, std, _) in cells.items()
-                         if s2 == s and m2 == m)
+            pts = sorted((x_of(key), mean, std) for key, (mean, std, _) in cells.items()
+                         if panel_of(key) == panel and key[1] == m)
             if pts:
-                k, mean, std = zip(*pts, strict=True)
-                ax.errorbar(k, [100 * v for v in mean], yerr=[100 * v for v in std], marker="o",
-                            capsize=3, color=_COLORS[m], label=_LABELS[m])
+                x, mean, std = zip(*pts, strict=True)
+                ax.errorbar(x, [100 * v for v in mean], yerr=[100 * v for v in std],
+                            marker="o", capsize=3, color=_COLORS[m], label=_LABELS[m])
         _dense_line(ax, records)
-        ax.set(title=f"sparsity {_sparsity_label(s)}", xlabel="rewind epoch k",
-               ylabel="test accuracy (%)")
+        ax.set(title=panel_title(panel), xlabel=xlabel, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(title)
     return _png(fig)
+
+
+def plot_vs_k(records: list[dict], title: str) -> bytes:
+    """Figs. 3/4: one panel per sparsity, accuracy vs rewind epoch k."""
+    sparsities = sorted({s for s, _, _ in cell_stats(records)})
+    return _accuracy_panels(records, title, sparsities, lambda key: key[0], lambda key: key[2],
+                            lambda s: f"sparsity {_sparsity_label(s)}", "rewind epoch k")
 
 
 def plot_vs_sparsity(records: list[dict], title: str, ks: list[int] | None = None) -> bytes:
     """Fig. 7: one panel per rewind epoch k, accuracy vs sparsity."""
-    cells = cell_stats(records)
-    ks = sorted({k for _, _, k in cells} if ks is None else set(ks) & {k for _, _, k in cells})
+    present = {k for _, _, k in cell_stats(records)}
+    ks = sorted(present if ks is None else set(ks) & present)
     if not ks:
         raise LTHError("none of the requested rewind epochs are present in the results")
-    fig, axes = _grid(len(ks))
-    for ax, k in zip(axes, ks, strict=True):
-        for m in METHODS:
-            pts = sorted((s, mean, std) for (s, m2, k2), (mean, std, _) in cells.items()
-                         if k2 == k and m2 == m)
-            if pts:
-                s, mean, std = zip(*pts, strict=True)
-                ax.errorbar([100 * v for v in s], [100 * v for v in mean],
-                            yerr=[100 * v for v in std], marker="o", capsize=3,
-                            color=_COLORS[m], label=_LABELS[m])
-        _dense_line(ax, records)
-        ax.set(title=f"k = {k}", xlabel="sparsity (%)", ylabel="test accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title)
-    return _png(fig)
+    return _accuracy_panels(records, title, ks, lambda key: key[2], lambda key: 100 * key[0],
+                            lambda k: f"k = {k}", "sparsity (%)")
 
 
 def _load_connectivity(path: str) -> dict:
