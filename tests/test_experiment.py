@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, run_cli, write_idx_dataset
 
 from lightning_lth.cli import main, make_cli
 from lightning_lth.experiment.pipeline import Pipeline
+from lightning_lth.module import LTHModule
+from lightning_lth.sparsity.mask import Mask
 
 NO_WANDB = {"WANDB_MODE": "disabled"}
 
@@ -234,3 +237,35 @@ def test_corrupt_artifact_is_detected_and_recomputed(tmp_path):
     assert [e["stage"] for e in events(store)].count("dense") == 2
     assert final.read_bytes() == original  # recomputed, same numbers (deterministic CPU)
     assert list((store / "dense").glob("*.corrupt-*"))  # the bad copy is kept aside
+
+
+def test_prune_and_match_refuse_bad_inputs_before_any_work(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    assert main(["prune", "--config", str(config),
+                 f"--study.weights_a={tmp_path / 'missing.pt'}"]) == 2
+    assert "dense checkpoint not found" in capsys.readouterr().err
+    wider = LTHModule(arch="mlp", width=2, num_classes=10, in_channels=1, image_size=28,
+                      arch_kwargs={"hidden": [32, 32]}).net
+    other = Mask({n: torch.ones_like(p, dtype=torch.bool) for n, p in wider.named_parameters()
+                  if n.endswith("weight")}, {"model": "mlp", "width": 2})
+    other.save(tmp_path / "other_mask.pt")
+    assert main(["match", "--config", str(config),
+                 f"--study.mask={tmp_path / 'other_mask.pt'}"]) == 2
+    assert "mask was made for width=2" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+def test_match_command_writes_pi_permuted_weights_mask_and_report(tmp_path):
+    config = tiny_config(tmp_path)
+    store = tmp_path / "store"
+    assert main(["prune", "--config", str(config)]) == 0
+    (mask_file,) = store.glob("imp/*/mask_0.8000.pt")
+    assert main(["match", "--config", str(config), f"--study.mask={mask_file}"]) == 0
+    (match_dir,) = [p for p in (store / "match").iterdir() if p.is_dir()]
+    for name in ("perm.pt", "weights_a_permuted.pt", "connectivity.json", "interpolation.png"):
+        assert (match_dir / name).is_file(), name
+    curves = json.loads((match_dir / "connectivity.json").read_text())
+    assert len(curves["naive"]["alphas"]) >= 11 and len(curves["matched"]["loss"]) >= 11
+    mask, permuted = Mask.load(mask_file), Mask.load(match_dir / "mask_permuted.pt")
+    assert permuted.layer_sparsity() == mask.layer_sparsity()
+    assert any(not torch.equal(mask.tensors[n], permuted.tensors[n]) for n in mask.tensors)

@@ -313,6 +313,10 @@ class Pipeline:
 
     def run_match(self, plan: Plan) -> Path:
         stage, settings = plan.match, self.study.match
+        mask = Mask.load(self.study.mask) if self.study.mask else None
+        if mask is not None:  # a mask of another model fails here, before any work
+            mask.check_fits(LTHModule(**self.model_kwargs).net, self.model_kwargs["arch"],
+                            self.model_kwargs["width"])
         weights_a, weights_b = self.dense_weights("a", plan), self.dense_weights("b", plan)
 
         def compute(work: Path) -> None:
@@ -337,9 +341,7 @@ class Pipeline:
             save_json(curves, work / "connectivity.json")
             plot_interpolation(curves["naive"], curves["matched"], work / "interpolation.png",
                                title=self._label(self.seed))
-            if self.study.mask:
-                mask = Mask.load(self.study.mask)
-                mask.check_fits(net_a, self.model_kwargs["arch"], self.model_kwargs["width"])
+            if mask is not None:
                 apply_permutation(mask, spec, perm).save(work / "mask_permuted.pt")
 
         return self._run(stage, compute)
