@@ -343,8 +343,23 @@ class Pipeline:
                                title=self._label(self.seed))
             if mask is not None:
                 apply_permutation(mask, spec, perm).save(work / "mask_permuted.pt")
+            self._log_connectivity(stage, curves, work / "interpolation.png")
 
         return self._run(stage, compute)
+
+    def _log_connectivity(self, stage: Stage, curves: dict, png: Path) -> None:
+        """The interpolation curves (one step per alpha), barriers and plot to W&B."""
+        wandb = self._wandb_logger(stage, "match", {"method": self.study.match.method})
+        if wandb is None:
+            return
+        for index, alpha in enumerate(curves["naive"]["alphas"]):
+            wandb.log_metrics({f"match/{side}_{metric}": curves[side][metric][index]
+                               for side in ("naive", "matched") for metric in ("loss", "acc")}
+                              | {"match/alpha": alpha}, step=index)
+        wandb.experiment.summary.update(
+            {f"match/{side}_{barrier}": curves[side][barrier] for side in ("naive", "matched")
+             for barrier in ("loss_barrier", "error_barrier")})
+        wandb.log_image("match/interpolation", [str(png)])
 
     def _device(self) -> torch.device:
         accelerator = str(self.trainer_config.get("accelerator", "auto"))
