@@ -34,7 +34,14 @@ from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.config import ARMS, CHAINS, MATCH_METHODS, Study
 from lightning_lth.experiment.store import Stage, Store, append_record, make_stage
-from lightning_lth.io import file_sha256, load_json, save_json, save_tensors, write_atomic
+from lightning_lth.io import (
+    file_sha256,
+    load_json,
+    load_tensors,
+    save_json,
+    save_tensors,
+    write_atomic,
+)
 from lightning_lth.module import LTHModule
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.mask import Mask
@@ -476,8 +483,6 @@ class Pipeline:
 
 
 def load_perm(path: Path) -> dict[str, torch.Tensor]:
-    from lightning_lth.io import load_tensors
-
     data = load_tensors(path, what="permutation file")
     if not isinstance(data, dict) or not isinstance(data.get("perm"), dict):
         raise LTHError(f"permutation file {path} holds no 'perm'")
