@@ -9,6 +9,7 @@ tensor on the training device that is augmented a whole batch at a time
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import shutil
 import zlib
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
 from lightning_lth.errors import LTHError
@@ -64,6 +65,7 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 NORMALIZATIONS = ("authors", "dataset")
 LOADERS = ("device", "torchvision")
+DDP_BATCHES = ("global", "per_rank")
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -105,6 +107,8 @@ def load_split(name: str, data_dir: str | Path, train: bool, download: bool,
     """One split through torchvision's dataset class; one clear error when files are missing."""
     info = dataset_info(name)
     root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise LTHError(f"data.data_dir {root.resolve()} is a file, not a folder")
     if info.torchvision_class in (datasets.MNIST, datasets.FashionMNIST):
         _stage_idx_files(info, root)
     try:
@@ -140,7 +144,33 @@ def images_as_tensor(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return images.contiguous(), labels
 
 
-class DeviceLoader:
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class _Resumable:
+    """Lightning's ``_Stateful`` loader protocol, which its fit loop saves in every checkpoint
+    and loads back when a fit resumes mid-epoch. The epoch's plan depends only on (seed,
+    epoch), so the epoch and the batches already yielded in it are the whole position."""
+
+    _epoch, _batches, _resume = 0, 0, None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def _begin(self, epoch: int) -> int:
+        """Start ``epoch``; returns the batches to skip: those a loaded state of this same
+        epoch had yielded (a state of another epoch is stale and dropped)."""
+        resume, self._resume = self._resume, None
+        self._epoch = epoch
+        self._batches = resume[1] if resume is not None and resume[0] == epoch else 0
+        return self._batches
+
+
+class DeviceLoader(_Resumable):
     """The whole split as one uint8 tensor on the device, augmented a batch at a time.
 
     Random crop with zero padding + horizontal flip, batched without per-image Python work
@@ -154,9 +184,11 @@ class DeviceLoader:
 
     Each epoch draws, from a generator seeded by (seed, epoch), a permutation of the split
     and one (dy, dx, flip) per position of it, so a resumed run sees the same order and
-    augmentation. Under DDP every rank draws the same plan and takes a distinct, equally
-    long strided slice of it (the last ``len % world_size`` positions are dropped), so no
-    two ranks share an image or an augmentation draw.
+    augmentation. Under DDP every rank draws the same plan; with ``batch_size`` b per rank,
+    rank r's batch k is positions r, r + N, ... of the plan's k-th global batch of N x b
+    positions, so the N ranks' batch k together are exactly a 1-rank run's batch k of size
+    N x b (the last ``len % N`` positions are dropped to keep the ranks equal). Evaluation
+    is in order; under DDP rank r takes images r, r + N, ...: each image on one rank only.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
@@ -184,7 +216,10 @@ class DeviceLoader:
         self._store = self._pad_and_mirror(self.images) if self.augment else None
 
     def __len__(self) -> int:
-        return -(-(len(self.labels) // self.world_size) // self.batch_size)
+        count = len(self.labels)
+        mine = count // self.world_size if self.train else len(range(self.rank, count,
+                                                                       self.world_size))
+        return -(-mine // self.batch_size)
 
     # -- augmentation ---------------------------------------------------------------------
     def _pad_and_mirror(self, images: torch.Tensor) -> torch.Tensor:
@@ -237,14 +272,15 @@ class DeviceLoader:
         return images.float().mul_(self.scale).add_(self.shift)
 
     # -- batches --------------------------------------------------------------------------
-    def _plan(self):
+    def _plan(self, epoch: int):
         """This rank's (image indices, crop starts or None) for the epoch; None indices:
         every image, in order."""
         count = len(self.labels)
-        mine = slice(self.rank, count // self.world_size * self.world_size, self.world_size)
         if not self.train:
-            return (None if self.world_size == 1 else torch.arange(count)[mine]), None
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch_fn())
+            return (None if self.world_size == 1 else
+                    torch.arange(self.rank, count, self.world_size)), None
+        mine = slice(self.rank, count // self.world_size * self.world_size, self.world_size)
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         order = torch.randperm(count, generator=generator)
         if not self.augment:
             return order[mine], None
@@ -256,23 +292,100 @@ class DeviceLoader:
         return order[mine], starts[mine]
 
     def __iter__(self):
-        indices, starts = self._plan()
-        if indices is None:
-            for begin in range(0, len(self.labels), self.batch_size):
-                stop = begin + self.batch_size
-                yield self.normalize(self.images[begin:stop]), self.labels[begin:stop]
-            return
-        indices = indices.to(self.device)
-        labels = self.labels.index_select(0, indices)
+        epoch = self.epoch_fn()
+        skip = self._begin(epoch)
+        indices, starts = self._plan(epoch)
+        labels = self.labels
+        if indices is not None:
+            indices = indices.to(self.device)
+            labels = labels.index_select(0, indices)
         if starts is not None:
             starts = starts.to(self.device)
-        for begin in range(0, len(indices), self.batch_size):
-            stop = begin + self.batch_size
-            if starts is None:
-                images = self.images.index_select(0, indices[begin:stop])
+        for begin in range(skip * self.batch_size, len(labels), self.batch_size):
+            batch = slice(begin, begin + self.batch_size)
+            if starts is not None:
+                images = self._crop(self._store, starts[batch])
+            elif indices is not None:
+                images = self.images.index_select(0, indices[batch])
             else:
-                images = self._crop(self._store, starts[begin:stop])
-            yield self.normalize(images), labels[begin:stop]
+                images = self.images[batch]
+            self._batches += 1
+            yield self.normalize(images), labels[batch]
+
+
+class _SeededItems(Dataset):
+    """A training split whose random transforms draw, for each image, from that image's own
+    seed for (seed, epoch): the same draws whatever worker, rank, batch or resume point
+    loads it. The global CPU generator is restored after each image."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        self.item_seeds = torch.randint(2**62, (len(self.dataset),), generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        rng = torch.default_generator
+        state = rng.get_state()
+        rng.manual_seed(self.item_seeds[index])
+        try:
+            return self.dataset[index]
+        finally:
+            rng.set_state(state)
+
+
+class _SkippingSampler(DistributedSampler):
+    """A DistributedSampler (so Lightning keeps it rather than injecting its own) that can
+    start ``skip`` positions into its epoch."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+class _ShardSampler(DistributedSampler):
+    """Rank r's images r, r + N, ... of an evaluation split, each image on exactly one rank
+    (DistributedSampler itself pads the shards to equal length with repeats)."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _EpochDataLoader(_Resumable, DataLoader):
+    """The torchvision training loader: each epoch depends only on (seed, epoch), not on the
+    epochs this process iterated before. At each iterator it reads the epoch from
+    ``epoch_fn`` (the Trainer's: its own ``set_epoch`` call comes after the first iterator
+    of a fit) and seeds the sampler's order, the per-image draws and the workers' base
+    seeds from it; workers are not persistent, so they start from those seeds."""
+
+    def __init__(self, dataset: _SeededItems, batch_size: int, sampler: _SkippingSampler,
+                 num_workers: int, epoch_fn):
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler,
+                         num_workers=num_workers, generator=torch.Generator())
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        epoch = self.epoch_fn()
+        self.sampler.skip = self._begin(epoch) * self.batch_size
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        self.generator.manual_seed(_epoch_seed(self.dataset.seed, epoch))
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
 
 
 class LTHDataModule(L.LightningDataModule):
@@ -280,12 +393,17 @@ class LTHDataModule(L.LightningDataModule):
 
     Validation uses the test split by default (the paper reports test accuracy);
     ``val_split`` > 0 holds out that many training images (or that fraction) instead.
+    ``ddp_batch``: under N ranks, ``global`` splits ``batch_size`` over the ranks (the
+    global batch, and with it the experiment, stays that of one device); ``per_rank`` gives
+    each rank ``batch_size`` (global batch N x batch_size). ``order_seed``, set by the
+    caller before a fit, seeds the training order and augmentation over ``seed``.
     """
 
     def __init__(self, dataset: str = "cifar10", data_dir: str = "data", batch_size: int = 128,
                  eval_batch_size: int = 1024, loader: str = "device", num_workers: int = 2,
                  normalization: str = "authors", augment: bool = True,
-                 val_split: float = 0, download: bool = True, seed: int | None = None):
+                 val_split: float = 0, download: bool = True, seed: int | None = None,
+                 ddp_batch: str = "global"):
         super().__init__()
         self.info = dataset_info(dataset)
         if loader not in LOADERS:
@@ -295,6 +413,9 @@ class LTHDataModule(L.LightningDataModule):
                            f"{', '.join(NORMALIZATIONS)}")
         if batch_size < 1 or eval_batch_size < 1:
             raise LTHError(f"batch sizes must be >= 1, got {batch_size}, {eval_batch_size}")
+        if ddp_batch not in DDP_BATCHES:
+            raise LTHError(f"unknown data.ddp_batch {ddp_batch!r}; valid: "
+                           f"{', '.join(DDP_BATCHES)}")
         if val_split < 0:
             raise LTHError(f"data.val_split must be >= 0 (a count or a fraction), got {val_split}")
         self.dataset, self.data_dir, self.download = dataset, data_dir, download
@@ -303,7 +424,8 @@ class LTHDataModule(L.LightningDataModule):
         self.augment = augment and self.info.augment
         self.mean, self.std = (self.info.authors_stats if normalization == "authors"
                                else self.info.stats)
-        self._seed = seed
+        self._seed, self.ddp_batch = seed, ddp_batch
+        self.order_seed: int | None = None
         self.splits: dict[str, Dataset] = {}
 
     # Shapes the model needs, linked into the model's config by the CLI.
@@ -321,8 +443,12 @@ class LTHDataModule(L.LightningDataModule):
 
     @property
     def seed(self) -> int:
-        """The data-order seed: the configured one, else the run's global seed."""
-        return self._seed if self._seed is not None else torch.initial_seed() % 2**31
+        """The training order and augmentation seed: ``order_seed``, else the configured
+        one, else the run's global seed."""
+        for seed in (self.order_seed, self._seed):
+            if seed is not None:
+                return seed
+        return torch.initial_seed() % 2**31
 
     def _transform(self, train: bool):
         steps = []
@@ -349,24 +475,46 @@ class LTHDataModule(L.LightningDataModule):
             self.splits["train"] = Subset(train, order[held:])
             self.splits["val"] = Subset(plain, order[:held])
 
-    def _dataloader(self, split: str):
+    def _train_batch_size(self, world_size: int) -> int:
+        if self.ddp_batch == "per_rank":
+            return self.batch_size
+        if self.batch_size % world_size:
+            raise LTHError(f"data.batch_size={self.batch_size} does not split over {world_size} "
+                           f"ranks (data.ddp_batch=global keeps it the global batch); use a "
+                           f"multiple of {world_size} or data.ddp_batch=per_rank")
+        return self.batch_size // world_size
+
+    def build_loader(self, split: str, rank: int = 0, world_size: int = 1,
+                     device: torch.device | str = "cpu", epoch_fn=lambda: 0):
+        """The ``split`` loader of rank ``rank`` out of ``world_size``; ``epoch_fn`` gives the
+        epoch at each iterator. The ``*_dataloader`` hooks pass the Trainer's values."""
         train = split == "train"
         dataset = self.splits[split]
+        if len(dataset) < world_size:
+            raise LTHError(f"the {split} split has {len(dataset)} images, fewer than the "
+                           f"{world_size} ranks")
+        batch_size = self._train_batch_size(world_size) if train else self.eval_batch_size
         if self.loader == "torchvision":
-            generator = torch.Generator().manual_seed(self.seed) if train else None
-            return DataLoader(dataset, batch_size=self.batch_size if train else
-                              self.eval_batch_size, shuffle=train, generator=generator,
-                              num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0)
-        trainer = self.trainer
+            if not train:
+                return DataLoader(dataset, batch_size,
+                                  sampler=_ShardSampler(dataset, rank, world_size),
+                                  num_workers=self.num_workers,
+                                  persistent_workers=self.num_workers > 0)
+            items = _SeededItems(dataset, self.seed)
+            sampler = _SkippingSampler(items, world_size, rank, shuffle=True, seed=self.seed,
+                                       drop_last=True)
+            return _EpochDataLoader(items, batch_size, sampler, self.num_workers, epoch_fn)
         images, labels = images_as_tensor(dataset)
-        return DeviceLoader(
-            images, labels, self.batch_size if train else self.eval_batch_size, self.mean,
-            self.std, train=train, augment=self.augment, seed=self.seed,
-            device=trainer.strategy.root_device if trainer else torch.device("cpu"),
-            epoch_fn=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
-            rank=trainer.global_rank if train and trainer else 0,
-            world_size=trainer.world_size if train and trainer else 1)
+        return DeviceLoader(images, labels, batch_size, self.mean, self.std, train=train,
+                            augment=self.augment, seed=self.seed, device=torch.device(device),
+                            epoch_fn=epoch_fn, rank=rank, world_size=world_size)
+
+    def _dataloader(self, split: str):
+        trainer = self.trainer
+        if trainer is None:
+            return self.build_loader(split)
+        return self.build_loader(split, trainer.global_rank, trainer.world_size,
+                                 trainer.strategy.root_device, lambda: trainer.current_epoch)
 
     def unaugmented_train_batches(self, device: torch.device | str = "cpu") -> DeviceLoader:
         """Training images in a fixed order without augmentation: for matching and BN resets."""

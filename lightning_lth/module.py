@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_lth.errors import LTHError
@@ -40,6 +41,15 @@ def load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source: st
         raise LTHError(f"weights in {source} do not fit the model: {first[0].strip()}") from None
 
 
+def _split_metrics(num_classes: int) -> nn.ModuleDict:
+    """``<split>_acc`` and ``<split>_loss`` (the mean loss per image) for train, val and test:
+    metric objects, so under DDP their epoch values combine every rank's images exactly."""
+    return nn.ModuleDict({f"{split}_{name}": metric for split in ("train", "val", "test")
+                          for name, metric in (
+                              ("acc", MulticlassAccuracy(num_classes, average="micro")),
+                              ("loss", MeanMetric(nan_strategy="disable")))})
+
+
 class LTHModule(L.LightningModule):
     def __init__(self, arch: str = "resnet20", width: int = 1, num_classes: int = 10,
                  in_channels: int = 3, image_size: int = 32, arch_kwargs: dict | None = None,
@@ -63,8 +73,7 @@ class LTHModule(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
             self.net.compile()
-        self.metrics = nn.ModuleDict({f"{split}_acc": MulticlassAccuracy(num_classes, average="micro")
-                                      for split in ("train", "val", "test")})
+        self.metrics = _split_metrics(num_classes)
         self._hooks: list = []
 
     def forward(self, x):
@@ -118,12 +127,14 @@ class LTHModule(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        metric = self.metrics[f"{split}_acc"]
-        metric.update(logits, labels)
+        accuracy, mean_loss = self.metrics[f"{split}_acc"], self.metrics[f"{split}_loss"]
+        accuracy.update(logits, labels)
+        # The batch mean once per image: weighted by the batch size. A forward call, not
+        # update: it also holds this batch's value, which the per-step train log reads.
+        mean_loss(loss.detach().expand(len(labels)))
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
-                 sync_dist=not on_step)
-        self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/loss", mean_loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def on_train_epoch_start(self) -> None:

@@ -376,3 +376,101 @@ def test_bad_datamodule_options(kwargs, bad):
     with pytest.raises(LTHError) as info:
         LTHDataModule("cifar10", **kwargs)
     assert bad in str(info.value)
+
+
+# -- order seed, DDP partition, per-epoch determinism -----------------------------------------
+def interleaves(whole, ranks) -> None:
+    """Rank r's batch k is positions r, r + N, ... of the 1-rank batch k (same images, same
+    augmentation); the last batch loses its len % N tail so the ranks stay equal."""
+    whole, ranks = list(whole), [list(loader) for loader in ranks]
+    world = len(ranks)
+    for batches in ranks:
+        assert len(batches) == len(whole)
+    for k, (images, labels) in enumerate(whole):
+        keep = len(labels) // world * world
+        for rank, batches in enumerate(ranks):
+            assert torch.equal(batches[k][0], images[:keep][rank::world])
+            assert torch.equal(batches[k][1], labels[:keep][rank::world])
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_ddp_global_batch_ranks_make_the_one_rank_batches(data_dir, loader):
+    dm = make_dm("cifar10", data_dir, loader, val_split=1)  # 99 augmented training images
+    assert dm.ddp_batch == "global"
+    ranks = [dm.build_loader("train", rank, 2) for rank in range(2)]
+    assert next(iter(ranks[0]))[1].shape == (16,)
+    interleaves(dm.build_loader("train"), ranks)
+    with pytest.raises(LTHError) as info:
+        dm.build_loader("train", 0, 3)
+    assert "32" in str(info.value) and "3 ranks" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_ddp_per_rank_batch_is_each_ranks(data_dir, loader):
+    dm = make_dm("cifar10", data_dir, loader, val_split=1, ddp_batch="per_rank")
+    ranks = [dm.build_loader("train", rank, 3) for rank in range(3)]
+    assert next(iter(ranks[0]))[1].shape == (32,)
+    interleaves(make_dm("cifar10", data_dir, loader, val_split=1,
+                        batch_size=96).build_loader("train"), ranks)
+
+
+def test_unknown_ddp_batch_names_the_valid_ones():
+    with pytest.raises(LTHError) as info:
+        LTHDataModule("cifar10", ddp_batch="local")
+    assert "'local'" in str(info.value) and "global, per_rank" in str(info.value)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_ddp_eval_shards_hold_every_image_once(data_dir, loader):
+    dm = make_dm("fashion_mnist", data_dir, loader, eval_batch_size=16)
+    whole = all_batches(dm.build_loader("test"))
+    seen = 0
+    for rank in range(3):  # 128 test images: 43, 43, 42
+        images, labels = all_batches(dm.build_loader("test", rank, 3))
+        assert torch.equal(images, whole[0][rank::3]) and torch.equal(labels, whole[1][rank::3])
+        seen += len(labels)
+    assert seen == len(whole[1]) == SIZES["fashion_mnist"][1]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_order_seed_over_configured_seed_over_global_seed(data_dir, loader):
+    def order(seed=None, order_seed=None):
+        dm = make_dm("cifar10", data_dir, loader, seed=seed)
+        dm.order_seed = order_seed
+        return all_batches(dm.build_loader("train"))
+
+    torch.manual_seed(11)
+    default = order()
+    assert all(torch.equal(a, b) for a, b in zip(default, order(seed=11), strict=True))
+    chosen = order(seed=11, order_seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(chosen, order(seed=3), strict=True))
+    assert not torch.equal(chosen[0], default[0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torchvision_epoch_depends_only_on_seed_and_epoch(data_dir, workers):
+    """Epoch 2 of a fresh loader is epoch 2 after epochs 0 and 1, with or without worker
+    processes; the global RNG is left as it was."""
+    dm = make_dm("cifar10", data_dir, "torchvision")
+    epoch = [0]
+    loader = dm.build_loader("train", epoch_fn=lambda: epoch[0])
+    first = all_batches(loader)
+    epoch[0] = 1
+    all_batches(loader)
+    epoch[0] = 2
+    before = torch.get_rng_state()
+    late = all_batches(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+    worked = make_dm("cifar10", data_dir, "torchvision", num_workers=workers)
+    fresh = all_batches(worked.build_loader("train", epoch_fn=lambda: 2))
+    assert torch.equal(late[0], fresh[0]) and torch.equal(late[1], fresh[1])
+    assert not torch.equal(first[0], late[0])
+
+
+def test_data_dir_that_is_a_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "data.tar"
+    path.write_bytes(b"not a folder")
+    with pytest.raises(LTHError) as info:
+        LTHDataModule("fashion_mnist", str(path), download=False).setup("fit")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

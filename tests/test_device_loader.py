@@ -1,4 +1,5 @@
-"""DeviceLoader: order, DDP sharding, augmentation statistics, equality with torchvision.
+"""DeviceLoader: order, DDP sharding, resuming, augmentation statistics, equality with
+torchvision.
 
 Small random uint8 tensors built here, no files. Labels are the image indices, so every
 batch says which images it holds.
@@ -87,6 +88,69 @@ def test_ddp_shards_are_disjoint_equal_and_cover(world_size):
     assert len(set(union.tolist())) == len(union)  # disjoint, and no repeats within a rank
     assert len(union) >= count - (world_size - 1)
     assert set(union.tolist()) <= set(range(count))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("augment", [True, False])
+def test_ddp_ranks_together_make_the_one_rank_batches(world_size, augment):
+    """Rank r's batch k is positions r, r + N, ... of a 1-rank run's batch k of N x the
+    per-rank size, crops and flips included; the last batch loses its len % N tail."""
+    images = random_images(205, size=8)
+    whole = list(make_loader(images, batch_size=16 * world_size, augment=augment, epoch=2))
+    ranks = [list(make_loader(images, batch_size=16, augment=augment, epoch=2, rank=rank,
+                              world_size=world_size)) for rank in range(world_size)]
+    for batches in ranks:
+        assert len(batches) == len(whole)
+    for k, (x, y) in enumerate(whole):
+        keep = len(y) // world_size * world_size
+        for rank, batches in enumerate(ranks):
+            assert torch.equal(batches[k][0], x[:keep][rank::world_size])
+            assert torch.equal(batches[k][1], y[:keep][rank::world_size])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_eval_shards_hold_every_image_once(world_size):
+    images = random_images(101, size=8)
+    whole = torch.cat([x for x, _ in make_loader(images, batch_size=16, train=False)])
+    seen = []
+    for rank in range(world_size):
+        loader = make_loader(images, batch_size=16, train=False, rank=rank,
+                             world_size=world_size)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        labels = torch.cat([y for _, y in batches])
+        assert torch.equal(labels, torch.arange(rank, 101, world_size))
+        assert torch.equal(torch.cat([x for x, _ in batches]), whole[labels])
+        seen.append(labels)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(101))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_state_dict_resumes_at_the_next_batch(world_size):
+    images = random_images(300, size=8)
+
+    def loader(epoch):
+        return make_loader(images, batch_size=32, epoch=epoch, rank=world_size - 1,
+                           world_size=world_size)
+
+    first = loader(epoch=3)
+    assert first.state_dict() == {"epoch": 0, "batches": 0}
+    batches = iter(first)
+    for _ in range(3):
+        next(batches)
+    state = first.state_dict()
+    assert state == {"epoch": 3, "batches": 3}
+    resumed = loader(epoch=3)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(first) - 3
+    for (xa, ya), (xb, yb) in zip(batches, rest, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert resumed.state_dict() == {"epoch": 3, "batches": len(first)}
+    assert len(list(resumed)) == len(first)  # the loaded state is used once
+    other = loader(epoch=4)  # a state of another epoch is stale: the epoch starts over
+    other.load_state_dict(state)
+    assert len(list(other)) == len(first)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
