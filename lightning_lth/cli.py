@@ -6,6 +6,7 @@ same config (trainer, model, data, study) and hand it to the pipeline; report re
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 
@@ -37,7 +38,7 @@ class LTHCLI(LightningCLI):
 def make_cli(args: list[str], run: bool = True) -> LTHCLI:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within")
     return LTHCLI(LTHModule, LTHDataModule, args=args, run=run,
-                  parser_kwargs={"parser_mode": "omegaconf"},
+                  parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
                   save_config_kwargs={"overwrite": False})
 
 
@@ -47,17 +48,25 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "report":
             return report_main(argv[1:])
         if argv and argv[0] in PIPELINE_COMMANDS:
-            from lightning_lth.experiment import pipeline
+            from lightning_lth.experiment import runner
 
-            return pipeline.run_command(argv[0], make_cli(argv[1:], run=False))
+            return runner.run_command(argv[0], make_cli(argv[1:], run=False))
         make_cli(argv)
         return 0
+    except argparse.ArgumentError as exc:  # the parser's type and value errors
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
     except Exception as exc:
         error = user_error(exc)
         if error is None:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def user_error(exc: BaseException) -> LTHError | None:
@@ -79,7 +88,7 @@ def report_main(argv: list[str]) -> int:
 
     from lightning_lth import report
 
-    parser = ArgumentParser(prog="python -m lightning_lth report",
+    parser = ArgumentParser(prog="python -m lightning_lth report", exit_on_error=False,
                             description="Paper-style tables and plots of the arms' results.")
     parser.add_argument("--config", type=str | None, default=None,
                         help="a study config: reads <study.store>/results.jsonl")

@@ -102,13 +102,18 @@ def _stage_idx_files(info: DatasetInfo, root: Path) -> None:
                 break
 
 
+def check_data_dir(data_dir: str | Path) -> Path:
+    root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise LTHError(f"data.data_dir {root.resolve()} is a file, not a folder")
+    return root
+
+
 def load_split(name: str, data_dir: str | Path, train: bool, download: bool,
                transform=None) -> Dataset:
     """One split through torchvision's dataset class; one clear error when files are missing."""
     info = dataset_info(name)
-    root = Path(data_dir)
-    if root.exists() and not root.is_dir():
-        raise LTHError(f"data.data_dir {root.resolve()} is a file, not a folder")
+    root = check_data_dir(data_dir)
     if info.torchvision_class in (datasets.MNIST, datasets.FashionMNIST):
         _stage_idx_files(info, root)
     try:
@@ -418,6 +423,7 @@ class LTHDataModule(L.LightningDataModule):
                            f"{', '.join(DDP_BATCHES)}")
         if val_split < 0:
             raise LTHError(f"data.val_split must be >= 0 (a count or a fraction), got {val_split}")
+        check_data_dir(data_dir)  # here, before a Trainer makes any log folder
         self.dataset, self.data_dir, self.download = dataset, data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.loader, self.num_workers, self.val_split = loader, num_workers, val_split

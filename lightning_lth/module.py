@@ -55,13 +55,19 @@ class LTHModule(L.LightningModule):
                  in_channels: int = 3, image_size: int = 32, arch_kwargs: dict | None = None,
                  lr: float = 0.08, momentum: float = 0.9, weight_decay: float = 5e-4,
                  schedule: str = "cosine", init_weights: str | None = None,
-                 mask: str | None = None, channels_last: bool = False, compile: bool = False):
+                 mask: str | None = None, channels_last: bool = False, compile: bool = False,
+                 schedule_epochs: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         if schedule not in SCHEDULES:
             raise LTHError(f"unknown model.schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
         if lr <= 0:
             raise LTHError(f"model.lr must be > 0, got {lr}")
+        if schedule_epochs is not None and (isinstance(schedule_epochs, bool)
+                                            or not isinstance(schedule_epochs, int)
+                                            or schedule_epochs < 1):
+            raise LTHError(f"model.schedule_epochs must be an integer >= 1 or null, got "
+                           f"{schedule_epochs!r}")
         self.net = build_model(arch, width, num_classes, in_channels, image_size,
                                **(arch_kwargs or {}))
         if init_weights:
@@ -158,7 +164,9 @@ class LTHModule(L.LightningModule):
                                     weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
             return optimizer
-        # Cosine to 0 over the run, stepped once per epoch.
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(self.trainer.max_epochs, 1))
+        # Cosine to 0 over schedule_epochs (default: this fit's max_epochs), stepped once per
+        # epoch. A study sets it explicitly: a net trained only part of the way keeps the
+        # schedule of the full run, so its snapshots are the full run's.
+        epochs = hp.get("schedule_epochs") or self.trainer.max_epochs
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -21,55 +21,29 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_lth.errors import LTHError
+from lightning_lth.experiment.results import invalid
 from lightning_lth.io import load_json, write_atomic
 
 METHODS = ("lth", "naive", "permuted")
 _LABELS = {"lth": "LTH", "naive": "naive", "permuted": "permuted"}
 _COLORS = {"lth": "tab:green", "naive": "tab:red", "permuted": "tab:blue"}
 
-_STR = ("model", "dataset", "method", "key", "finished_at")
-_INT = ("width", "seed", "rewind_epoch")
-_FRACTION = ("sparsity", "test_acc", "dense_acc_a", "dense_acc_b", "pruned_acc_a")
-_FLOAT = ("test_loss", "barrier_loss_before", "barrier_loss_after",
-          "barrier_error_before", "barrier_error_after", "wall_time_s")
-REQUIRED = _STR + _INT + _FRACTION + _FLOAT + ("connectivity",)
 # One sparse run is identified by these; a rerun appends a second line that replaces the first.
-_RUN_ID = ("model", "dataset", "width", "seed", "method", "sparsity", "rewind_epoch")
+_RUN_ID = ("config_hash", "model", "dataset", "width", "seed", "method", "sparsity",
+           "rewind_epoch")
 
-Group = tuple[str, str, int]  # (model, dataset, width)
+Group = tuple[str, str, int, str]  # (model, dataset, width, config hash)
 
 
 # --------------------------------------------------------------------------- loading
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate_record(rec) -> str | None:
-    """Why `rec` is not a usable record, or None.  Accuracies must be fractions: a percent
-    value slipping in would silently scale one arm's cells by 100."""
-    if not isinstance(rec, dict):
-        return f"expected a JSON object, got {type(rec).__name__}"
-    missing = [k for k in REQUIRED if k not in rec]
-    if missing:
-        return f"missing key(s) {', '.join(missing)}"
-    for k in _STR:
-        if not isinstance(rec[k], str):
-            return f"{k} must be a string, got {rec[k]!r}"
-    for k in _INT:
-        if not isinstance(rec[k], int) or isinstance(rec[k], bool):
-            return f"{k} must be an integer, got {rec[k]!r}"
-    for k in _FRACTION:
-        if not _is_number(rec[k]) or not 0.0 <= rec[k] <= 1.0:
-            return f"{k} must be a fraction in [0, 1], got {rec[k]!r}"
-    for k in _FLOAT:  # losses/barriers of a diverged run may legitimately be NaN or inf
-        if not _is_number(rec[k]):
-            return f"{k} must be a number, got {rec[k]!r}"
-    if rec["connectivity"] is not None and not isinstance(rec["connectivity"], str):
-        return f"connectivity must be a path string or null, got {rec['connectivity']!r}"
-    if rec["method"] not in METHODS:
+    """Why ``rec`` is not a usable record, or None; beyond the Record type's own checks, the
+    method must be an arm this report knows how to draw."""
+    why = invalid(rec)
+    if why is None and rec["method"] not in METHODS:
         return f"unknown method {rec['method']!r} (allowed: {', '.join(METHODS)})"
-    return None
+    return why
 
 
 def _run_id(rec: dict) -> tuple:
@@ -143,7 +117,7 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
 def _groups(records: list[dict]) -> dict[Group, list[dict]]:
     out: dict[Group, list[dict]] = defaultdict(list)
     for rec in records:
-        out[(rec["model"], rec["dataset"], rec["width"])].append(rec)
+        out[(rec["model"], rec["dataset"], rec["width"], rec["config_hash"])].append(rec)
     return dict(sorted(out.items()))
 
 
@@ -205,26 +179,27 @@ def accuracy_table(records: list[dict]) -> str:
 def barrier_table(groups: dict[Group, list[dict]]) -> str:
     """Loss/error barriers of the dense pair's interpolation, before vs after matching, per width."""
     cols = ("barrier_loss_before", "barrier_loss_after", "barrier_error_before", "barrier_error_after")
-    lines = ["| Model | Dataset | Width | Loss barrier before | Loss barrier after "
+    lines = ["| Model | Dataset | Width | Config | Loss barrier before | Loss barrier after "
              "| Error barrier before (%) | Error barrier after (%) | Seeds |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (model, dataset, width), recs in groups.items():
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (model, dataset, width, config), recs in groups.items():
         row = []
         for col in cols:
             mean, std, n = _stats(_per_seed(recs, col))
             row.append(_pct(mean, std) if "error" in col else f"{mean:.3f} ± {std:.3f}")
-        lines.append(f"| {model} | {dataset} | ×{width} | " + " | ".join(row) + f" | {n} |")
+        lines.append(f"| {model} | {dataset} | ×{width} | {config} | " + " | ".join(row)
+                     + f" | {n} |")
     return "\n".join(lines) + "\n"
 
 
 def csv_rows(groups: dict[Group, list[dict]]) -> list[list]:
-    rows = [["model", "dataset", "width", "sparsity", "method", "rewind_epoch",
+    rows = [["model", "dataset", "width", "config_hash", "sparsity", "method", "rewind_epoch",
              "test_acc_mean", "test_acc_std", "n"]]
-    for (model, dataset, width), recs in groups.items():
+    for (model, dataset, width, config), recs in groups.items():
         cells = cell_stats(recs)
         for (s, m, k) in sorted(cells, key=lambda c: (c[0], METHODS.index(c[1]), c[2])):
             mean, std, n = cells[(s, m, k)]
-            rows.append([model, dataset, width, s, m, k, repr(mean), repr(std), n])
+            rows.append([model, dataset, width, config, s, m, k, repr(mean), repr(std), n])
     return rows
 
 
@@ -354,11 +329,17 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
     groups = _groups(records)
     written: list[Path] = []
     md = ["# LTH mask transfer: results", "",
-          f"{len(records)} runs in {len(groups)} (model, dataset, width) group(s).", ""]
+          f"{len(records)} runs in {len(groups)} (model, dataset, width, configuration) "
+          f"group(s).", ""]
     notes = list(problems)
-    for (model, dataset, width), recs in groups.items():
+    configs = defaultdict(set)  # a store may hold several configurations of one model
+    for model, dataset, width, config in groups:
+        configs[(model, dataset, width)].add(config)
+    for (model, dataset, width, config), recs in groups.items():
         stem = f"{model}_{dataset}_w{width}"
         title = f"{model}×{width} / {dataset}"
+        if len(configs[(model, dataset, width)]) > 1:
+            stem, title = f"{stem}_{config}", f"{title} (configuration {config})"
         dense = _stats(_per_seed(recs, "dense_acc_a"))
         md += [f"## {title}", "", f"Dense accuracy: {_pct(*dense[:2])} (n={dense[2]})", "",
                accuracy_table(recs)]

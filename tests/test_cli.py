@@ -218,6 +218,9 @@ BAD = {  # name: (extra arguments, what the one-line error must say)
     "corrupt snapshot": (["--model.init_weights=corrupt.pt"],
                          ["corrupt.pt", "corrupt", "torch.save"]),
     "missing snapshot": (["--model.init_weights=absent.pt"], ["absent.pt", "not found"]),
+    "data_dir is a file": (["--data.data_dir=config.yaml"],
+                           ["config.yaml", "is a file, not a folder"]),
+    "non-integer width": (["--model.width=1.5"], ['Parser key "model.width"', "1.5"]),
 }
 RUNNERS = {"in-process": run_in_process, "subprocess": run_subprocess}
 FAST_SUBPROCESS = {"rewind beyond max_epochs"}
@@ -249,16 +252,17 @@ def test_bad_input_is_one_line_nonzero_and_overwrites_nothing(workdir, capfd, mo
 @pytest.mark.parametrize("epochs", ["[0,1.5]", "[one]"])
 def test_non_integer_rewind_epoch_is_rejected_by_the_parser(workdir, capfd, monkeypatch, via,
                                                             epochs):
-    """jsonargparse's own type error: longer than one line (usage, then the error), but clear
-    and non-zero, and it names the bad value and the expected type."""
+    """jsonargparse's own type error, folded into one line: it names the bad value and the
+    expected type."""
     before = files_under(workdir)
     code, stderr = RUNNERS[via](["fit", "--config", "config.yaml",
                                  f"--trainer.callbacks.epochs={epochs}"], workdir, capfd,
                                 monkeypatch)
     assert code not in (0, None)
     assert "Traceback" not in stderr
-    assert "error:" in stderr and 'Parser key "epochs"' in stderr
-    assert "Expected a <class 'int'>" in stderr
+    (error,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert error == stderr.rstrip().splitlines()[-1]
+    assert 'Parser key "epochs"' in error and "Expected a <class 'int'>" in error
     assert epochs.strip("[]").split(",")[-1] in stderr
     assert_untouched(workdir, before)
 

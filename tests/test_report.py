@@ -34,7 +34,8 @@ def record(tmp_path, method="lth", sparsity=0.8, k=0, seed=0, width=1, **over):
            "barrier_error_before": 0.5, "barrier_error_after": 0.05,
            "connectivity": str(tmp_path / "match" / f"w{width}s{seed}" / "connectivity.json"),
            "wall_time_s": 1.0, "key": f"arm-{method}-{sparsity}-{k}-{seed}-{width}",
-           "finished_at": "2026-11-25T19:00:00Z"}
+           "finished_at": "2026-11-25T19:00:00Z", "config_hash": "c0ffee", "num_threads": 1,
+           "device": "cpu"}
     rec.update(over)
     return rec
 
@@ -222,3 +223,24 @@ def test_wandb_records_and_unreachable_api(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "wandb", types.SimpleNamespace(Api=DeadApi))
     with pytest.raises(LTHError, match="cannot read W&B project 'proj'.*No API key configured"):
         report.main(wandb_project="proj", out_dir=str(tmp_path / "o"))
+
+
+def test_two_configurations_in_one_store_get_one_table_each(tmp_path, capsys):
+    """Records of another configuration (another config_hash) never replace a cell of this
+    one: each configuration gets its own table, figures and CSV rows."""
+    other = [dict(r, config_hash="beef00", key=r["key"] + "-other",
+                  test_acc=r["test_acc"] - 0.1) for r in all_records(tmp_path)]
+    results = write_jsonl(tmp_path / "results.jsonl", all_records(tmp_path) + other)
+    report.main(str(results), str(tmp_path / "out"))
+    assert "warning" not in capsys.readouterr().err  # nothing superseded, nothing dropped
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "(configuration c0ffee)" in md and "(configuration beef00)" in md
+    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
+    assert {r["config_hash"] for r in rows} == {"c0ffee", "beef00"}
+    assert len(rows) == 2 * len(SPARSITIES) * len(KS) * len(report.METHODS)
+    cell = {(r["config_hash"], r["method"], r["sparsity"], r["rewind_epoch"]):
+            float(r["test_acc_mean"]) for r in rows}
+    mean, _ = expected_cell("lth", 0.8, 0)
+    assert cell[("c0ffee", "lth", "0.8", "0")] == pytest.approx(mean)
+    assert cell[("beef00", "lth", "0.8", "0")] == pytest.approx(mean - 0.1)
+    assert len(list((tmp_path / "out").glob("*_vs_k.png"))) == 2

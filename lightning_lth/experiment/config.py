@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ARMS = ("lth", "naive", "permuted")
 MATCH_METHODS = ("activation", "weight")
 CHAINS = ("shared", "per_target")
 
@@ -55,19 +54,31 @@ class OnlyCells:
 
 
 @dataclass
+class ResumeSettings:
+    """How often a training stage writes its resume checkpoint (besides every epoch start).
+
+    Not part of any key: resume is exact, so the cadence cannot change a number."""
+
+    every_minutes: float | None = 10.0
+    every_n_steps: int | None = None
+
+
+@dataclass
 class Study:
     store: str = "store"
     sparsities: list[float] = field(default_factory=lambda: [0.8, 0.9, 0.95, 0.97])
     rewind_epochs: list[int] = field(default_factory=lambda: [0, 5, 10, 15, 20, 25, 50, 75, 100])
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: ["lth", "naive", "permuted"])
     seed_b_offset: int = 1000  # dense B's seed = seed_everything + this
     prune: PruneSettings = field(default_factory=PruneSettings)
     match: MatchSettings = field(default_factory=MatchSettings)
     sparse: SparseSettings = field(default_factory=SparseSettings)
     only: OnlyCells = field(default_factory=OnlyCells)
+    resume: ResumeSettings = field(default_factory=ResumeSettings)
     wandb_project: str = "lightning_lth"
     wandb_mode: str = "auto"  # auto: online when logged in, else offline; or online/offline/disabled
-    # Explicit inputs instead of the store's stages (prune/match on files you already have):
+    # Explicit inputs instead of the store's stages (files you already have). The arms rewind
+    # to the snapshots beside them (epoch_<k>.pt in the same folder) or refuse to run:
     weights_a: str | None = None  # trained dense A (final.pt)
     weights_b: str | None = None  # trained dense B (final.pt)
     mask: str | None = None  # A's mask, permuted by match

@@ -1,0 +1,66 @@
+"""The one place that knows about DDP ranks: who writes, and the collectives the study uses.
+
+Lightning starts the process group at the first ``fit`` (ranks > 0 are started then and run
+the same command), so every question is answered live: before the group exists the rank
+comes from the launcher's environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from lightning_lth.errors import LTHError
+
+_LAUNCHER_RANKS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+class DistContext:
+    @property
+    def active(self) -> bool:
+        """True inside a process group of more than one rank."""
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @property
+    def rank(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+        return 0 if all(int(os.environ.get(name, 0)) == 0 for name in _LAUNCHER_RANKS) else 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 writes every file; the other ranks compute alongside it."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank."""
+        if not self.active:
+            return value
+        box = [value if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def ranks_agree(self, what: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Every rank must hold the same tensors (masks, pi), else stop loudly."""
+        if not self.active:
+            return
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest.hexdigest())
+        if len(set(digests)) != 1:
+            raise LTHError(f"DDP ranks disagree on {what}: {digests}")
+        self.say(f"ranks agree on {what} ({len(digests)} ranks)")
+
+    def say(self, message: str) -> None:
+        if self.is_writer:
+            print(message, flush=True)

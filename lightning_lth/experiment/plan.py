@@ -1,0 +1,230 @@
+"""The plan: one study's stages, from its resolved config alone, without training.
+
+    dense A, dense B      T epochs each, saving the rewind snapshots the study asks for
+    snapshot              a rewind epoch that a finished dense net did not save
+    imp                   one stage per IMP round; each reads the round before it
+    match                 pi between A's and B's final weights, and the interpolation
+    arm                   arm registry entry x sparsity x k, T - k epochs
+
+Every input is checked here, before any stage starts: a refused study leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from lightning_lth.callbacks import check_rewind_epochs
+from lightning_lth.data import dataset_info
+from lightning_lth.errors import LTHError
+from lightning_lth.experiment import keys
+from lightning_lth.experiment.config import (
+    MATCH_METHODS,
+    MatchSettings,
+    OnlyCells,
+    PruneSettings,
+    ResumeSettings,
+    SparseSettings,
+    Study,
+)
+from lightning_lth.experiment.stages import (
+    ARMS,
+    ArmStage,
+    DenseStage,
+    ImpRound,
+    MatchStage,
+    SnapshotStage,
+    Stage,
+    WeightsRef,
+)
+from lightning_lth.experiment.tracking import wandb_mode
+from lightning_lth.io import file_sha256
+from lightning_lth.models import build_model
+from lightning_lth.sparsity import imp
+
+SECTIONS = {"prune": PruneSettings, "match": MatchSettings, "sparse": SparseSettings,
+            "only": OnlyCells, "resume": ResumeSettings}
+
+
+def study_settings(config: dict) -> Study:
+    section = dict(config["study"])
+    return Study(**{**section, **{name: kind(**section[name]) for name, kind in SECTIONS.items()
+                                  if name in section}})
+
+
+def resolve(config: dict) -> dict:
+    """The config as the study uses it: the model's shapes from the dataset (the CLI links
+    them only when it instantiates the classes)."""
+    info = dataset_info(config["data"]["dataset"])
+    model = dict(config["model"], num_classes=info.num_classes, in_channels=info.in_channels,
+                 image_size=info.image_size)
+    return {**config, "model": model}
+
+
+@dataclass
+class Plan:
+    dense_a: DenseStage
+    dense_b: DenseStage
+    rounds: list[ImpRound]
+    targets: dict[float, ImpRound]  # the round that lands on each target sparsity
+    match: MatchStage
+    arms: list[ArmStage] = field(default_factory=list)
+
+    @property
+    def stages(self) -> list[Stage]:
+        """Every stage once, each after the stages it reads."""
+        ordered: dict[str, Stage] = {}
+
+        def visit(stage: Stage) -> None:
+            if stage.key in ordered:
+                return
+            for needed in stage.reads():
+                visit(needed)
+            ordered[stage.key] = stage
+
+        for stage in [self.dense_a, self.dense_b, *self.rounds, self.match, *self.arms]:
+            visit(stage)
+        return list(ordered.values())
+
+    @property
+    def epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+
+def _check_study(config: dict, study: Study, epochs: int) -> None:
+    seed = config.get("seed_everything")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise LTHError(f"seed_everything must be an integer for a study (it names the "
+                       f"stages), got {seed!r}")
+    if epochs < 1:
+        raise LTHError(f"trainer.max_epochs must be >= 1 for a study, got {epochs}")
+    for name in ("init_weights", "mask", "schedule_epochs"):
+        if config["model"].get(name) is not None:
+            raise LTHError(f"model.{name} is for `fit`; a study sets it per stage (use "
+                           f"study.weights_a / study.weights_b / study.mask for your files)")
+    for name in ("optimizer", "lr_scheduler"):
+        if config.get(name) is not None:
+            raise LTHError(f"--{name} is for `fit`; a study's optimisers are the paper's "
+                           f"(model.lr, study.prune.*, study.sparse.*)")
+    for arm in study.arms + ([study.only.arm] if study.only.arm else []):
+        if arm not in ARMS:
+            raise LTHError(f"unknown arm {arm!r}; valid arms: {', '.join(ARMS)}")
+    if study.match.method not in MATCH_METHODS:
+        raise LTHError(f"unknown matching method {study.match.method!r}; valid: "
+                       f"{', '.join(MATCH_METHODS)}")
+    wandb_mode(study.wandb_mode)
+    imp.check_targets(study.sparsities)
+    check_rewind_epochs(study.rewind_epochs, epochs)
+    for k in study.rewind_epochs:
+        if k >= epochs:
+            raise LTHError(f"rewind epoch {k} leaves no sparse training: k must be < "
+                           f"trainer.max_epochs={epochs}")
+    only = study.only
+    if only.sparsity is not None and not any(
+            math.isclose(only.sparsity, s) for s in study.sparsities):
+        raise LTHError(f"sparsity {only.sparsity} is not among the IMP chain's targets "
+                       f"{study.sparsities}")
+    if only.rewind_epoch is not None and only.rewind_epoch not in study.rewind_epochs:
+        raise LTHError(f"rewind epoch {only.rewind_epoch} is not among the saved "
+                       f"snapshots {study.rewind_epochs} (study.rewind_epochs)")
+    for name in ("weights_a", "weights_b", "mask"):
+        path = getattr(study, name)
+        if path is not None and not Path(path).is_file():
+            raise LTHError(f"study.{name} not found: {path}")
+
+
+def prunable_count(model: dict, prune: PruneSettings) -> int:
+    """How many weights IMP prunes: from the model's shapes alone (a meta-device model)."""
+    with torch.device("meta"):
+        net = build_model(model["arch"], model["width"], model["num_classes"],
+                          model["in_channels"], model["image_size"],
+                          **(model.get("arch_kwargs") or {}))
+    names = set(imp.prunable_names(net, prune.include, prune.exclude))
+    return sum(p.numel() for name, p in net.named_parameters() if name in names)
+
+
+def _file_ref(path: str) -> WeightsRef:
+    return WeightsRef(f"file:{file_sha256(path)}", None, str(path))
+
+
+def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
+               with_arms: bool = True) -> Plan:
+    """The stages of the study. ``saved_epochs(dense key)``: the rewind epochs a finished
+    dense stage holds (None: not finished, it will save what the study asks for)."""
+    config = resolve(config)
+    study = study_settings(config)
+    epochs = int(config["trainer"].get("max_epochs") or 0)
+    _check_study(config, study, epochs)
+    model, seed = config["model"], config["seed_everything"]
+    label = f"{model['arch']}-w{model['width']}-{config['data']['dataset']}"
+
+    def keyed(stage: Stage) -> Stage:
+        return replace(stage, key=keys.stage_key(stage.kind, stage.label, stage.identity(),
+                                                 config))
+
+    saves = tuple(study.rewind_epochs)
+    dense = {role: keyed(DenseStage(name=f"dense {role}", label=f"{label}-seed{net_seed}",
+                                    role=role, seed=net_seed, epochs=epochs, save_epochs=saves))
+             for role, net_seed in (("A", seed), ("B", seed + study.seed_b_offset))}
+    explicit = {"A": study.weights_a, "B": study.weights_b}
+    final = {role: _file_ref(explicit[role]) if explicit[role] else dense[role].weights(None)
+             for role in dense}
+
+    prunable = prunable_count(model, study.prune)
+    schedule = imp.imp_schedule(prunable, study.sparsities, study.prune.fraction,
+                                study.prune.chain)
+    rounds: list[ImpRound] = []
+    targets: dict[float, ImpRound] = {}
+    last_in_chain: dict[int, ImpRound] = {}
+    for rnd in schedule:
+        previous = last_in_chain.get(rnd.chain) if rnd.step > 1 else None
+        stage = keyed(ImpRound(
+            name=f"imp round {rnd.step} S={rnd.zeros / prunable:.4f}",
+            label=f"{label}-seed{seed}-r{rnd.step}", seed=seed, step=rnd.step, zeros=rnd.zeros,
+            prunable=prunable, previous=previous, dense=final["A"],
+            epochs=study.prune.epochs_per_round if rnd.step > 0 else 0))
+        rounds.append(stage)
+        last_in_chain[rnd.chain] = stage
+        if rnd.target is not None:
+            targets[rnd.target] = stage
+
+    mask = _file_ref(study.mask) if study.mask else None
+    matching = keyed(MatchStage(name="match", label=f"{label}-seed{seed}", a=final["A"],
+                                b=final["B"], mask=mask))
+    plan = Plan(dense["A"], dense["B"], rounds, targets, matching)
+    if not with_arms:
+        return plan
+    if study.weights_a or study.weights_b:
+        raise LTHError("study.weights_a / study.weights_b are inputs of `prune` and `match`; "
+                       "`experiment` trains its own dense nets, with their rewind snapshots")
+
+    def snapshot(role: str, k: int) -> WeightsRef:
+        net = dense[role]
+        saved = saved_epochs(net.key)
+        if saved is None or k in saved:
+            return net.weights(k)
+        return keyed(SnapshotStage(name=f"snapshot {role} k={k}", label=f"{net.label}-k{k}",
+                                   dense=net, epoch=k, epochs=k)).weights()
+
+    only = study.only
+    for sparsity in study.sparsities:
+        if only.sparsity is not None and not math.isclose(sparsity, only.sparsity):
+            continue
+        for k in study.rewind_epochs:
+            if only.rewind_epoch is not None and k != only.rewind_epoch:
+                continue
+            for name in study.arms:
+                if only.arm is not None and name != only.arm:
+                    continue
+                arm = ARMS[name]
+                plan.arms.append(keyed(ArmStage(
+                    name=f"arm {name} S={sparsity} k={k}",
+                    label=f"{label}-seed{seed}-{name}-s{sparsity}-k{k}", arm=arm, seed=seed,
+                    sparsity=sparsity, rewind_epoch=k, init=snapshot(arm.init, k),
+                    round=targets[sparsity], matching=matching if arm.permuted else None,
+                    epochs=epochs - k)))
+    return plan

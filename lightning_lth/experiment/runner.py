@@ -1,0 +1,208 @@
+"""The runner: walks a plan over the store, giving each stage its data, modules and trainers.
+
+``run_command`` is what ``prune``, ``match``, ``experiment`` and ``plan`` call. The runner is
+the stages' ``ctx``: one datamodule (the split is loaded once), modules built from the
+config's ``model`` section, trainers from its ``trainer`` section with the study's own
+loggers and resume points, the store and W&B.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
+
+from lightning_lth.callbacks import KillSwitch, ResumePoints
+from lightning_lth.distributed import DistContext
+from lightning_lth.errors import LTHError
+from lightning_lth.experiment import keys
+from lightning_lth.experiment.plan import Plan, build_plan, resolve, study_settings
+from lightning_lth.experiment.results import RESULTS_FILE, Record, append_record
+from lightning_lth.experiment.stages import ArmStage, DenseStage, Stage, WeightsRef
+from lightning_lth.experiment.store import CHECKPOINTS, Store
+from lightning_lth.experiment.tracking import Tracking
+from lightning_lth.io import load_json, write_atomic
+from lightning_lth.module import LTHModule, load_snapshot, load_weights
+
+# Trainer arguments the runner sets itself for every stage.
+RUNNER_SETS = ("logger", "callbacks", "max_epochs", "default_root_dir", "enable_checkpointing",
+               "enable_progress_bar", "enable_model_summary", "plugins")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written through a temporary file + rename: kill -9 safe."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        write_atomic(Path(path), lambda handle: torch.save(checkpoint, handle))
+
+
+class Runner:
+    def __init__(self, cli, dist: DistContext | None = None):
+        self.config = resolve(cli.config.as_dict())
+        self.study = study_settings(self.config)
+        self.datamodule = cli.datamodule
+        self.dist = dist or DistContext()
+        trainer_args = dict(vars(cli.config_init.trainer))
+        self.trainer_args = {k: v for k, v in trainer_args.items() if k not in RUNNER_SETS}
+        self.plugins = list(trainer_args.get("plugins") or [])
+        self.progress = trainer_args.get("enable_progress_bar") is not False
+        self.summary = bool(trainer_args.get("enable_model_summary"))
+        self.epochs = int(self.config["trainer"]["max_epochs"] or 0)
+        self.store = Store(self.study.store, self.dist)
+        self._plan: Plan | None = None
+        model = self.config["model"]
+        self.tracking = Tracking(self.study.wandb_project, self.study.wandb_mode,
+                                 Path(self.study.store) / "wandb", model["arch"],
+                                 model["width"], self.config["data"]["dataset"])
+
+    # -- the plan ---------------------------------------------------------------------------
+    def plan(self, with_arms: bool = True) -> Plan:
+        self._plan = build_plan(self.config, self._saved_epochs, with_arms)
+        self._check_files(self._plan)
+        return self._plan
+
+    def _saved_epochs(self, key: str) -> list[int] | None:
+        metrics = self.store.root / DenseStage.kind / key / "metrics.json"
+        return load_json(metrics)["saved_epochs"] if metrics.is_file() else None
+
+    def _check_files(self, plan: Plan) -> None:
+        """A user's weights or mask that do not fit the model fail here, before any stage."""
+        for ref in (plan.match.a, plan.match.b):
+            if ref.stage is None:
+                load_weights(self.module().net, load_snapshot(ref.path), ref.path)
+        if plan.match.mask is not None:
+            from lightning_lth.sparsity.mask import Mask
+
+            model = self.config["model"]
+            Mask.load(plan.match.mask.path).check_fits(self.module().net, model["arch"],
+                                                       model["width"])
+
+    # -- what stages use --------------------------------------------------------------------
+    def module(self, **overrides) -> LTHModule:
+        return LTHModule(**{**self.config["model"], **overrides})
+
+    def order_seed(self, *identity) -> int:
+        return keys.order_seed(*identity, self.config["data"].get("seed"))
+
+    def trainer(self, stage: Stage, work: Path, max_epochs: int, callbacks=(),
+                wandb_config: dict | None = None) -> L.Trainer:
+        loggers = [CSVLogger(work, name="logs", version="")]
+        wandb = self.tracking.logger(stage, stage.kind if not isinstance(stage, ArmStage)
+                                     else stage.arm.name, wandb_config or {})
+        loggers += [wandb] if wandb is not None else []
+        resume = self.study.resume
+        callbacks = [*callbacks, ResumePoints(work / CHECKPOINTS, resume.every_n_steps,
+                                              resume.every_minutes)]
+        kill = KillSwitch.for_stage(stage.name)
+        callbacks += [kill] if kill is not None else []
+        if self.progress:
+            callbacks.append(RichProgressBar(leave=True))
+        return L.Trainer(**self.trainer_args, max_epochs=max_epochs, logger=loggers,
+                         callbacks=callbacks, default_root_dir=work, enable_checkpointing=False,
+                         enable_progress_bar=self.progress, enable_model_summary=self.summary,
+                         plugins=[*self.plugins, AtomicCheckpointIO()])
+
+    def fit(self, trainer: L.Trainer, module: LTHModule, order: tuple, resume: str | None):
+        """Train with the data order of ``order`` (the stage's identity)."""
+        self.datamodule.order_seed = self.order_seed(*order)
+        trainer.fit(module, self.datamodule, ckpt_path=resume)
+
+    def test(self, trainer: L.Trainer, module: LTHModule) -> dict:
+        metrics = trainer.test(module, self.datamodule, verbose=False)[0]
+        return {"test_acc": float(metrics["test/acc"]), "test_loss": float(metrics["test/loss"])}
+
+    def device(self) -> torch.device:
+        accelerator = str(self.config["trainer"].get("accelerator", "auto"))
+        if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def run(self, stage: Stage) -> Path:
+        """The stage's finished folder; the stages it reads are run first."""
+        for needed in stage.reads():
+            self.run(needed)
+        try:
+            return self.store.run(stage, lambda work, resume: stage.compute(self, work, resume))
+        finally:
+            self.tracking.finish()
+
+    def weights(self, ref: WeightsRef) -> Path:
+        return self.run(ref.stage) / ref.path if ref.stage else Path(ref.path)
+
+    # -- results ----------------------------------------------------------------------------
+    def record(self, arm: ArmStage, result: dict) -> Record:
+        """The arm's record: its result, plus what it came from (dense, IMP, matching)."""
+        plan = self._plan
+        model = self.config["model"]
+        match_dir = self.run(plan.match)
+        curves = load_json(match_dir / "connectivity.json")
+        dense = {role: load_json(self.run(stage) / "metrics.json")["test_acc"]
+                 for role, stage in (("a", plan.dense_a), ("b", plan.dense_b))}
+        pruned = load_json(self.run(arm.round) / "metrics.json")["test_acc"]
+        return Record(
+            model=model["arch"], dataset=self.config["data"]["dataset"], width=model["width"],
+            seed=arm.seed, method=arm.arm.name, sparsity=arm.sparsity,
+            rewind_epoch=arm.rewind_epoch, test_acc=result["test_acc"],
+            test_loss=result["test_loss"], dense_acc_a=dense["a"], dense_acc_b=dense["b"],
+            pruned_acc_a=pruned,
+            barrier_loss_before=curves["naive"]["loss_barrier"],
+            barrier_loss_after=curves["matched"]["loss_barrier"],
+            barrier_error_before=curves["naive"]["error_barrier"],
+            barrier_error_after=curves["matched"]["error_barrier"],
+            connectivity=str((match_dir / "connectivity.json").resolve()),
+            wall_time_s=result["wall_time_s"], key=arm.key,
+            config_hash=keys.config_hash(self.config), num_threads=result["num_threads"],
+            device=result["device"],
+            finished_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    def experiment(self) -> list[Record]:
+        started = time.time()
+        self._plan = plan = self.plan()
+        for stage in plan.stages:
+            self.run(stage)
+        records = []
+        for arm in plan.arms:
+            record = self.record(arm, load_json(self.run(arm) / "result.json"))
+            if self.dist.is_writer:
+                append_record(Path(self.study.store) / RESULTS_FILE, record)
+            records.append(record)
+        self.dist.say(f"experiment: {len(records)} arm results in {time.time() - started:.1f} s;"
+                      f" results file {Path(self.study.store) / RESULTS_FILE}")
+        return records
+
+    def describe(self) -> dict:
+        """The plan without running anything: stages, keys, status, epochs."""
+        plan = self.plan()
+        stages = [{"stage": s.kind, "name": s.name, "key": s.key,
+                   "status": self.store.status(s), "epochs": s.epochs} for s in plan.stages]
+        cells = [{"arm": a.arm.name, "sparsity": a.sparsity, "rewind_epoch": a.rewind_epoch,
+                  "key": a.key, "status": self.store.status(a), "epochs": a.epochs}
+                 for a in plan.arms]
+        return {"stages": stages, "cells": cells, "epochs": plan.epochs}
+
+
+def run_command(command: str, cli) -> int:
+    runner = Runner(cli)
+    if command == "plan":
+        if runner.dist.is_writer:
+            print(json.dumps(runner.describe(), indent=2))
+        return 0
+    if command == "experiment":
+        runner.experiment()
+        return 0
+    plan = runner.plan(with_arms=False)
+    if command == "prune":
+        for target, stage in plan.targets.items():
+            runner.dist.say(f"prune: sparsity {target}: {runner.run(stage)}")
+        return 0
+    if command == "match":
+        runner.dist.say(f"match: outputs in {runner.run(plan.match)}")
+        return 0
+    raise LTHError(f"unknown command {command!r}")

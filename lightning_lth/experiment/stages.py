@@ -1,0 +1,315 @@
+"""One class per stage kind: its identity, the stages it reads, its outputs and its compute.
+
+A stage's key (``keys.stage_key``) hashes its kind, its ``identity()`` and the config leaves
+its kind depends on; the identity names the keys of whatever it reads, so a stage's key
+changes whenever anything upstream does. ``compute(ctx, work, resume)`` writes the outputs
+into ``work`` (the store seals them) and continues from the Lightning checkpoint ``resume``
+when there is one. ``ctx`` is the runner: data, modules, trainers, the store and W&B.
+
+Data order: each training stage draws its batches from its own identity (``order``): dense
+nets from their seed, an IMP round from (seed, round, pruned count), an arm from (seed, k).
+All arms that rewind to the same k therefore share one data order (a paired comparison,
+distinct from dense A's and B's).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import torch
+
+from lightning_lth.callbacks import RewindSnapshots, snapshot_name
+from lightning_lth.errors import LTHError
+from lightning_lth.io import load_json, load_tensors, save_json, save_tensors
+from lightning_lth.sparsity import imp
+from lightning_lth.sparsity.mask import Mask
+from lightning_lth.symmetry.connectivity import compare_naive_matched, plot_interpolation
+from lightning_lth.symmetry.matching import match
+from lightning_lth.symmetry.spec import apply_permutation, get_spec
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm of the comparison: whose rewind snapshot it trains, and with which mask."""
+
+    name: str
+    init: str  # "A" or "B": the dense net whose epoch-k snapshot the arm trains from
+    permuted: bool  # IMP's mask (found on A) permuted into B's basin by the matching's pi
+
+
+ARMS = {arm.name: arm for arm in (
+    ArmSpec("lth", init="A", permuted=False),
+    ArmSpec("naive", init="B", permuted=False),
+    ArmSpec("permuted", init="B", permuted=True),
+)}
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Weights a stage reads: a file of another stage, or a file the user gave."""
+
+    ident: str  # what keys see: "<dense key>@<epoch>" or "file:<sha256>"
+    stage: Stage | None  # the stage that writes it; None for a user's file
+    path: str  # inside that stage's folder, or the user's file
+
+
+def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in net.state_dict().items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    kind: ClassVar[str] = ""
+    name: str  # readable and stable: "dense A", "imp round 3", "arm permuted S=0.9 k=2"
+    label: str  # the readable part of the key
+    key: str = ""  # set by the plan
+    epochs: int = 0  # training epochs
+
+    def identity(self) -> dict:
+        raise NotImplementedError
+
+    def reads(self) -> tuple[Stage, ...]:
+        return ()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "key": self.key, "epochs": self.epochs,
+                "identity": self.identity()}
+
+    def compute(self, ctx, work: Path, resume: str | None) -> None:
+        raise NotImplementedError
+
+
+def _train_dense(ctx, stage: Stage, seed: int, work: Path, resume: str | None,
+                 until: int, save_epochs, final: bool) -> tuple[L.Trainer, L.LightningModule]:
+    """Dense training from the seed's init along the T-epoch schedule, up to ``until``."""
+    L.seed_everything(seed, workers=True)
+    module = ctx.module(schedule_epochs=ctx.epochs)
+    snapshots = RewindSnapshots(save_epochs, dirpath=str(work / "rewind"), save_final=final)
+    trainer = ctx.trainer(stage, work, until, [snapshots], {"seed": seed})
+    ctx.fit(trainer, module, ("dense", seed), resume)
+    return trainer, module
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseStage(Stage):
+    """A dense net (A or B) trained T epochs, with its rewind snapshots."""
+
+    kind: ClassVar[str] = "dense"
+    role: str  # "A" or "B", for people; the seed is what distinguishes them
+    seed: int
+    save_epochs: tuple[int, ...]  # not in the key: a later epoch is its own snapshot stage
+
+    def identity(self) -> dict:
+        return {"seed": self.seed}
+
+    def compute(self, ctx, work, resume):
+        trainer, module = _train_dense(ctx, self, self.seed, work, resume, self.epochs,
+                                       self.save_epochs, final=True)
+        metrics = ctx.test(trainer, module)
+        if ctx.dist.is_writer:
+            save_json({**metrics, "saved_epochs": list(self.save_epochs)},
+                      work / "metrics.json")
+
+    def weights(self, epoch: int | None) -> WeightsRef:
+        """Epoch k's snapshot (None: the final weights)."""
+        name = "final.pt" if epoch is None else snapshot_name(epoch)
+        return WeightsRef(f"{self.key}@{'final' if epoch is None else epoch}", self,
+                          f"rewind/{name}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotStage(Stage):
+    """A rewind snapshot a finished dense net did not save: its run again up to that epoch.
+
+    Same seed, data order and T-epoch schedule, so the snapshot is the one the dense run
+    would have saved (bit for bit on CPU with ``deterministic``)."""
+
+    kind: ClassVar[str] = "snapshot"
+    dense: DenseStage
+    epoch: int
+
+    def identity(self) -> dict:
+        return {"dense": self.dense.key, "epoch": self.epoch}
+
+    def compute(self, ctx, work, resume):
+        _train_dense(ctx, self, self.dense.seed, work, resume, self.epoch, [self.epoch],
+                     final=False)
+
+    def weights(self) -> WeightsRef:
+        return WeightsRef(f"{self.dense.key}@{self.epoch}", self,
+                          f"rewind/{snapshot_name(self.epoch)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImpRound(Stage):
+    """One IMP round: prune to ``zeros`` weights from the previous round (or dense A), then
+    train ``epochs`` epochs with the mask fixed. Step 0: dense A and an all-True mask."""
+
+    kind: ClassVar[str] = "imp"
+    seed: int
+    step: int  # rounds so far in its chain
+    zeros: int
+    prunable: int
+    previous: ImpRound | None
+    dense: WeightsRef  # dense A's final weights: a chain's start
+
+    def identity(self) -> dict:
+        return {"seed": self.seed, "step": self.step, "zeros": self.zeros,
+                "after": self.previous.key if self.previous else self.dense.ident}
+
+    def reads(self):
+        return (self.previous,) if self.previous else tuple(filter(None, [self.dense.stage]))
+
+    def compute(self, ctx, work, resume):
+        prune = ctx.study.prune
+        if self.previous:
+            folder = ctx.run(self.previous)
+            start, mask = str(folder / "weights.pt"), Mask.load(folder / "mask.pt")
+        else:
+            start, mask = str(ctx.weights(self.dense)), None
+        L.seed_everything(ctx.order_seed("imp", self.seed, self.step, self.zeros))
+        module = ctx.module(lr=prune.lr, momentum=prune.momentum,
+                            weight_decay=prune.weight_decay, init_weights=start,
+                            schedule_epochs=max(self.epochs, 1))
+        names = imp.prunable_names(module.net, prune.include, prune.exclude)
+        if self.step == 0:
+            mask = imp.full_mask(module.net, names)
+        else:
+            mask = imp.prune_global_l1(module.net, names, mask,
+                                       self.zeros - (mask.zeros if mask else 0))
+        if mask.zeros != self.zeros:
+            raise RuntimeError(f"IMP {self.name}: pruned {mask.zeros} weights, planned "
+                               f"{self.zeros}")
+        hp = ctx.config["model"]
+        # A round is shared by every chain with its history: nothing chain-specific here.
+        mask.meta = {"model": hp["arch"], "width": hp["width"], "round": self.step}
+        module.mask = mask
+        trainer = ctx.trainer(self, work, self.epochs, (), {"round": self.step})
+        if self.epochs > 0:
+            ctx.fit(trainer, module, ("imp", self.seed, self.step, self.zeros), resume)
+            imp.check_masked_zero(module.net, mask, self.name)
+        metrics = {"step": self.step, "zeros": self.zeros, "prunable": self.prunable,
+                   "sparsity": self.zeros / self.prunable, "epochs": self.epochs, **ctx.test(trainer, module)}
+        if ctx.dist.is_writer:
+            mask.save(work / "mask.pt")
+            save_tensors({"state_dict": _state(module.net), "epoch": self.step * self.epochs,
+                          "meta": dict(mask.meta)}, work / "weights.pt")
+            save_json(metrics, work / "metrics.json")
+            ctx.tracking.log_round(self, metrics)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchStage(Stage):
+    """pi aligning A to B, the interpolation before and after it, and optionally a mask
+    permuted by it (the `match` command's --study.mask)."""
+
+    kind: ClassVar[str] = "match"
+    a: WeightsRef
+    b: WeightsRef
+    mask: WeightsRef | None = None
+
+    def identity(self) -> dict:
+        return {"a": self.a.ident, "b": self.b.ident,
+                "mask": self.mask.ident if self.mask else None}
+
+    def reads(self):
+        return tuple(ref.stage for ref in (self.a, self.b) if ref.stage)
+
+    def compute(self, ctx, work, resume):
+        settings = ctx.study.match
+        weights_a, weights_b = ctx.weights(self.a), ctx.weights(self.b)
+        device = ctx.device()
+        net_a = ctx.module(init_weights=str(weights_a)).net.to(device)
+        net_b = ctx.module(init_weights=str(weights_b)).net.to(device)
+        train = ctx.datamodule.unaugmented_train_batches(device)
+        perm = match(net_a, net_b, method=settings.method, batches=train,
+                     num_batches=settings.num_batches, seed=settings.seed)
+        ctx.dist.ranks_agree("the permutation", perm)
+        spec = get_spec(net_a)
+        state_a, state_b = _state(net_a), _state(net_b)
+        curves = compare_naive_matched(
+            net_a, state_a, state_b, perm, ctx.datamodule.test_batches(device), train,
+            spec=spec, num_alphas=settings.interpolation_points,
+            bn_batches=settings.bn_reset_batches)
+        if not ctx.dist.is_writer:
+            return
+        save_tensors({"perm": perm, "meta": {"method": settings.method}}, work / "perm.pt")
+        save_tensors({"state_dict": apply_permutation(state_a, spec, perm), "epoch": None,
+                      "meta": {"permuted_to": self.b.ident}}, work / "weights_a_permuted.pt")
+        save_json(curves, work / "connectivity.json")
+        plot_interpolation(curves["naive"], curves["matched"], work / "interpolation.png",
+                           title=self.label)
+        if self.mask is not None:
+            apply_permutation(Mask.load(self.mask.path), spec, perm).save(
+                work / "mask_permuted.pt")
+        ctx.tracking.log_connectivity(self, curves, work / "interpolation.png",
+                                      settings.method)
+
+
+def load_perm(path: Path) -> dict[str, torch.Tensor]:
+    data = load_tensors(path, what="permutation file")
+    if not isinstance(data, dict) or not isinstance(data.get("perm"), dict):
+        raise LTHError(f"permutation file {path} holds no 'perm'")
+    return data["perm"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArmStage(Stage):
+    """One arm: sparse training from a rewind snapshot with a fixed mask, T - k epochs."""
+
+    kind: ClassVar[str] = "arm"
+    arm: ArmSpec
+    seed: int
+    sparsity: float
+    rewind_epoch: int
+    init: WeightsRef
+    round: ImpRound  # the IMP round that landed on ``sparsity``: its mask
+    matching: MatchStage | None  # pi, for a permuted arm
+
+    def identity(self) -> dict:
+        return {"arm": self.arm.name, "seed": self.seed, "sparsity": self.sparsity,
+                "rewind_epoch": self.rewind_epoch, "init": self.init.ident,
+                "mask": self.round.key,
+                "matching": self.matching.key if self.matching else None}
+
+    def reads(self):
+        return tuple(s for s in (self.init.stage, self.round, self.matching) if s)
+
+    def wandb_config(self, ctx) -> dict:
+        hp = ctx.config["model"]
+        return {"method": self.arm.name, "sparsity": self.sparsity,
+                "rewind_epoch": self.rewind_epoch, "seed": self.seed, "width": hp["width"],
+                "model": hp["arch"], "dataset": ctx.config["data"]["dataset"]}
+
+    def compute(self, ctx, work, resume):
+        started = time.time()
+        sparse = ctx.study.sparse
+        order = ("arm", self.seed, self.rewind_epoch)
+        L.seed_everything(ctx.order_seed(*order))
+        module = ctx.module(lr=sparse.lr, momentum=sparse.momentum,
+                            weight_decay=sparse.weight_decay,
+                            init_weights=str(ctx.weights(self.init)),
+                            schedule_epochs=self.epochs)
+        mask = Mask.load(ctx.run(self.round) / "mask.pt")
+        if self.arm.permuted:
+            perm = load_perm(ctx.run(self.matching) / "perm.pt")
+            mask = apply_permutation(mask, get_spec(module.net), perm)
+        hp = ctx.config["model"]
+        mask.check_fits(module.net, hp["arch"], hp["width"])
+        ctx.dist.ranks_agree(f"the {self.arm.name} mask", mask.tensors)
+        module.mask = mask
+        trainer = ctx.trainer(self, work, self.epochs, (), self.wandb_config(ctx))
+        ctx.fit(trainer, module, order, resume)
+        metrics = ctx.test(trainer, module)
+        if ctx.dist.is_writer:
+            mask.save(work / "mask.pt")
+            save_tensors({"state_dict": _state(module.net), "epoch": ctx.epochs,
+                          "meta": {"arm": self.arm.name}}, work / "final.pt")
+            save_json({**metrics, "wall_time_s": time.time() - started,
+                       "num_threads": torch.get_num_threads(), "device": str(ctx.device())},
+                      work / "result.json")
+            ctx.tracking.arm_summary(trainer, ctx.record(self, load_json(work / "result.json")))

@@ -1,0 +1,93 @@
+"""W&B: the one module of the study that knows it. Every stage gets a run (grouped by model,
+width and dataset; arms also by sparsity and k), offline when there are no credentials."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+from lightning_lth.errors import LTHError
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_mode(setting: str) -> str:
+    """auto: online when W&B credentials are present, else offline (never a prompt)."""
+    if setting not in MODES:
+        raise LTHError(f"unknown study.wandb_mode {setting!r}; valid: {', '.join(MODES)}")
+    if os.environ.get("WANDB_MODE") in MODES[1:]:
+        return os.environ["WANDB_MODE"]
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        found = netrc.netrc().authenticators("api.wandb.ai")
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    return "online" if found else "offline"
+
+
+class Tracking:
+    def __init__(self, project: str, mode: str, save_dir: Path, model: str, width: int,
+                 dataset: str):
+        self.project, self.mode = project, wandb_mode(mode)
+        self.save_dir = save_dir
+        self.model, self.width, self.dataset = model, width, dataset
+
+    def logger(self, stage, job_type: str, config: dict) -> WandbLogger | None:
+        """The stage's W&B logger, or None. Under `wandb agent` only the arm logs into the
+        agent's run; the shared stages stay local."""
+        in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+        if self.mode == "disabled" or (in_sweep and stage.kind != "arm"):
+            return None
+        tags = [job_type, self.model, self.dataset, f"w{self.width}"]
+        group = f"{self.model}-w{self.width}-{self.dataset}"
+        if "sparsity" in config:
+            group += f"-s{config['sparsity']}-k{config['rewind_epoch']}"
+            tags += [f"s{config['sparsity']}", f"k{config['rewind_epoch']}"]
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        return WandbLogger(project=self.project, name=stage.key,
+                           id=None if in_sweep else stage.key, group=group, job_type=job_type,
+                           tags=tags, mode=self.mode, save_dir=str(self.save_dir),
+                           resume="allow",
+                           config={"stage": stage.kind, "key": stage.key, **config})
+
+    def log_round(self, stage, metrics: dict) -> None:
+        """An IMP round's sparsity and test accuracy, one W&B run per round."""
+        logger = self.logger(stage, "imp", {"round": metrics["step"]})
+        if logger is not None:
+            logger.log_metrics({f"imp/{key}": metrics[key] for key in
+                                ("sparsity", "zeros", "test_acc", "test_loss")
+                                if metrics.get(key) is not None}, step=metrics["step"])
+
+    def log_connectivity(self, stage, curves: dict, png: Path, method: str) -> None:
+        """The interpolation curves (one step per alpha), barriers and plot."""
+        logger = self.logger(stage, "match", {"method": method})
+        if logger is None:
+            return
+        for index, alpha in enumerate(curves["naive"]["alphas"]):
+            logger.log_metrics({f"match/{side}_{metric}": curves[side][metric][index]
+                                for side in ("naive", "matched") for metric in ("loss", "acc")}
+                               | {"match/alpha": alpha}, step=index)
+        logger.experiment.summary.update(
+            {f"match/{side}_{barrier}": curves[side][barrier] for side in ("naive", "matched")
+             for barrier in ("loss_barrier", "error_barrier")})
+        logger.log_image("match/interpolation", [str(png)])
+
+    @staticmethod
+    def finish() -> None:
+        wandb = sys.modules.get("wandb")  # only a run that was started needs finishing
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+
+    @staticmethod
+    def arm_summary(trainer, record) -> None:
+        """The arm's record in its W&B run's summary: what sweeps and the report read."""
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(record.to_dict())
