@@ -71,6 +71,15 @@ def test_experiment_end_to_end_then_rerun_trains_nothing(tmp_path):
     assert sorted(e["stage"] for e in computed) == sorted(
         ["dense", "dense"] + ["imp"] * IMP_ROUNDS + ["match"] + ["arm"] * 12)
     assert len({r["config_hash"] for r in rows}) == 1 and all(r["num_threads"] == 1 for r in rows)
+    # Data order: arms at the same k share one, distinct from each other k and dense A's.
+    orders = {(r["method"], r["sparsity"], r["rewind_epoch"]):
+              json.loads((store / "arm" / r["key"] / "result.json").read_text())["order_seed"]
+              for r in rows}
+    dense_orders = {json.loads(path.read_text())["order_seed"]
+                    for path in store.glob("dense/*/metrics.json")}
+    by_k = {k: {seed for (_, _, kk), seed in orders.items() if kk == k} for k in (0, 1)}
+    assert all(len(seeds) == 1 for seeds in by_k.values())
+    assert len(by_k[0] | by_k[1] | dense_orders) == 4
     masks = {r["key"]: store / "arm" / r["key"] / "mask.pt" for r in rows}
     assert all(path.is_file() for path in masks.values())
 

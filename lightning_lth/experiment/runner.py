@@ -109,9 +109,9 @@ class Runner:
                          enable_progress_bar=self.progress, enable_model_summary=self.summary,
                          plugins=[*self.plugins, AtomicCheckpointIO()])
 
-    def fit(self, trainer: L.Trainer, module: LTHModule, order: tuple, resume: str | None):
-        """Train with the data order of ``order`` (the stage's identity)."""
-        self.datamodule.order_seed = self.order_seed(*order)
+    def fit(self, trainer: L.Trainer, module: LTHModule, stage: Stage, resume: str | None):
+        """Train with the stage's own data order."""
+        self.datamodule.order_seed = self.order_seed(*stage.order())
         trainer.fit(module, self.datamodule, ckpt_path=resume)
 
     def test(self, trainer: L.Trainer, module: LTHModule) -> dict:

@@ -75,6 +75,10 @@ class Stage:
     def reads(self) -> tuple[Stage, ...]:
         return ()
 
+    def order(self) -> tuple:
+        """The identity its training data order is drawn from (see the module docstring)."""
+        return ()
+
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name, "key": self.key, "epochs": self.epochs,
                 "identity": self.identity()}
@@ -90,7 +94,7 @@ def _train_dense(ctx, stage: Stage, seed: int, work: Path, resume: str | None,
     module = ctx.module(schedule_epochs=ctx.epochs)
     snapshots = RewindSnapshots(save_epochs, dirpath=str(work / "rewind"), save_final=final)
     trainer = ctx.trainer(stage, work, until, [snapshots], {"seed": seed})
-    ctx.fit(trainer, module, ("dense", seed), resume)
+    ctx.fit(trainer, module, stage, resume)
     return trainer, module
 
 
@@ -106,13 +110,16 @@ class DenseStage(Stage):
     def identity(self) -> dict:
         return {"seed": self.seed}
 
+    def order(self) -> tuple:
+        return ("dense", self.seed)
+
     def compute(self, ctx, work, resume):
         trainer, module = _train_dense(ctx, self, self.seed, work, resume, self.epochs,
                                        self.save_epochs, final=True)
         metrics = ctx.test(trainer, module)
         if ctx.dist.is_writer:
-            save_json({**metrics, "saved_epochs": list(self.save_epochs)},
-                      work / "metrics.json")
+            save_json({**metrics, "saved_epochs": list(self.save_epochs),
+                       "order_seed": ctx.order_seed(*self.order())}, work / "metrics.json")
 
     def weights(self, epoch: int | None) -> WeightsRef:
         """Epoch k's snapshot (None: the final weights)."""
@@ -134,6 +141,9 @@ class SnapshotStage(Stage):
 
     def identity(self) -> dict:
         return {"dense": self.dense.key, "epoch": self.epoch}
+
+    def order(self) -> tuple:
+        return self.dense.order()
 
     def compute(self, ctx, work, resume):
         _train_dense(ctx, self, self.dense.seed, work, resume, self.epoch, [self.epoch],
@@ -164,6 +174,9 @@ class ImpRound(Stage):
     def reads(self):
         return (self.previous,) if self.previous else tuple(filter(None, [self.dense.stage]))
 
+    def order(self) -> tuple:
+        return ("imp", self.seed, self.step, self.zeros)
+
     def compute(self, ctx, work, resume):
         prune = ctx.study.prune
         if self.previous:
@@ -171,7 +184,7 @@ class ImpRound(Stage):
             start, mask = str(folder / "weights.pt"), Mask.load(folder / "mask.pt")
         else:
             start, mask = str(ctx.weights(self.dense)), None
-        L.seed_everything(ctx.order_seed("imp", self.seed, self.step, self.zeros))
+        L.seed_everything(ctx.order_seed(*self.order()))
         module = ctx.module(lr=prune.lr, momentum=prune.momentum,
                             weight_decay=prune.weight_decay, init_weights=start,
                             schedule_epochs=max(self.epochs, 1))
@@ -190,7 +203,7 @@ class ImpRound(Stage):
         module.mask = mask
         trainer = ctx.trainer(self, work, self.epochs, (), {"round": self.step})
         if self.epochs > 0:
-            ctx.fit(trainer, module, ("imp", self.seed, self.step, self.zeros), resume)
+            ctx.fit(trainer, module, self, resume)
             imp.check_masked_zero(module.net, mask, self.name)
         metrics = {"step": self.step, "zeros": self.zeros, "prunable": self.prunable,
                    "sparsity": self.zeros / self.prunable, "epochs": self.epochs, **ctx.test(trainer, module)}
@@ -279,6 +292,9 @@ class ArmStage(Stage):
     def reads(self):
         return tuple(s for s in (self.init.stage, self.round, self.matching) if s)
 
+    def order(self) -> tuple:
+        return ("arm", self.seed, self.rewind_epoch)
+
     def wandb_config(self, ctx) -> dict:
         hp = ctx.config["model"]
         return {"method": self.arm.name, "sparsity": self.sparsity,
@@ -288,8 +304,7 @@ class ArmStage(Stage):
     def compute(self, ctx, work, resume):
         started = time.time()
         sparse = ctx.study.sparse
-        order = ("arm", self.seed, self.rewind_epoch)
-        L.seed_everything(ctx.order_seed(*order))
+        L.seed_everything(ctx.order_seed(*self.order()))
         module = ctx.module(lr=sparse.lr, momentum=sparse.momentum,
                             weight_decay=sparse.weight_decay,
                             init_weights=str(ctx.weights(self.init)),
@@ -303,13 +318,14 @@ class ArmStage(Stage):
         ctx.dist.ranks_agree(f"the {self.arm.name} mask", mask.tensors)
         module.mask = mask
         trainer = ctx.trainer(self, work, self.epochs, (), self.wandb_config(ctx))
-        ctx.fit(trainer, module, order, resume)
+        ctx.fit(trainer, module, self, resume)
         metrics = ctx.test(trainer, module)
         if ctx.dist.is_writer:
             mask.save(work / "mask.pt")
             save_tensors({"state_dict": _state(module.net), "epoch": ctx.epochs,
                           "meta": {"arm": self.arm.name}}, work / "final.pt")
             save_json({**metrics, "wall_time_s": time.time() - started,
-                       "num_threads": torch.get_num_threads(), "device": str(ctx.device())},
+                       "num_threads": torch.get_num_threads(), "device": str(ctx.device()),
+                       "order_seed": ctx.order_seed(*self.order())},
                       work / "result.json")
             ctx.tracking.arm_summary(trainer, ctx.record(self, load_json(work / "result.json")))
