@@ -164,7 +164,7 @@ class ResumePoints(L.Callback):
         self._last_save = time.monotonic()
 
     def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole training state
         if trainer.is_global_zero:  # what the store's "resume" event reports
             save_json({"epoch": trainer.current_epoch, "global_step": trainer.global_step},
                       self.path.with_suffix(".json"))

@@ -213,3 +213,48 @@ def test_match_command_writes_pi_permuted_weights_mask_and_report(tmp_path):
     mask, permuted = Mask.load(mask_file), Mask.load(match_dir / "mask_permuted.pt")
     assert permuted.layer_sparsity() == mask.layer_sparsity()
     assert any(not torch.equal(mask.tensors[n], permuted.tensors[n]) for n in mask.tensors)
+
+
+def _rounds(store: Path) -> dict[float, Path]:
+    """IMP round folders by their sparsity."""
+    found = {}
+    for folder in store.glob("imp/*"):
+        if folder.is_dir() and not folder.name.endswith((".lock", ".partial")):
+            found[json.loads((folder / "metrics.json").read_text())["sparsity"]] = folder
+    return found
+
+
+def test_imp_rounds_land_on_each_target_nested_and_chains_share_rounds(tmp_path, capsys):
+    config = tiny_config(tmp_path, sparsities=[0.0, 0.5, 0.8])
+    store = tmp_path / "store"
+    assert main(["prune", "--config", str(config)]) == 0
+    rounds = _rounds(store)
+    (dense,) = [p for p in (store / "dense").iterdir() if p.is_dir()]
+    # target 0.0: dense A itself, all weights kept, nothing trained
+    zero = rounds[0.0]
+    assert Mask.load(zero / "mask.pt").zeros == 0
+    final = torch.load(dense / "rewind" / "final.pt", weights_only=True)["state_dict"]
+    kept = torch.load(zero / "weights.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(kept[name], final[name]) for name in final)
+    prunable = json.loads((zero / "metrics.json").read_text())["prunable"]
+    previous = None
+    for target in (0.5, 0.8):
+        (folder,) = [f for s, f in rounds.items() if abs(s - target) < 1e-3]
+        mask = Mask.load(folder / "mask.pt")
+        assert mask.zeros == round(target * prunable)
+        weights = torch.load(folder / "weights.pt", weights_only=True)["state_dict"]
+        for name, keep in mask.tensors.items():
+            assert bool((weights[name][~keep] == 0).all())
+            if previous is not None:  # the shared chain's masks are nested
+                assert not bool((keep & ~previous.tensors[name]).any())
+        previous = mask
+    printed = capsys.readouterr().out
+    assert "prune: sparsity 0.5:" in printed and "prune: sparsity 0.8:" in printed
+
+    # The authors' per-target chains: the chain to 0.5 is the shared chain's first rounds
+    # (same history, same keys): only the chain to 0.8 trains new rounds.
+    before = len(events(store))
+    assert main(["prune", "--config", str(config), "--study.prune.chain=per_target"]) == 0
+    new = [e for e in events(store)[before:]]
+    shared_steps = len([s for s in rounds if 0 < s <= 0.5 + 1e-3])
+    assert len(new) == IMP_ROUNDS - shared_steps + 1 and {e["stage"] for e in new} == {"imp"}
