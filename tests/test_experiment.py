@@ -258,3 +258,21 @@ def test_imp_rounds_land_on_each_target_nested_and_chains_share_rounds(tmp_path,
     new = [e for e in events(store)[before:]]
     shared_steps = len([s for s in rounds if 0 < s <= 0.5 + 1e-3])
     assert len(new) == IMP_ROUNDS - shared_steps + 1 and {e["stage"] for e in new} == {"imp"}
+
+
+def test_every_stage_logs_to_wandb_offline_and_the_arm_summary_is_its_record(tmp_path):
+    """One offline W&B run per stage, its id the stage key; the arm's run holds its record
+    (W&B's offline format is binary: the record's values are looked up as their JSON text)."""
+    config = tiny_config(tmp_path, wandb_mode="offline")
+    store = tmp_path / "store"
+    result = run_cli("experiment", "--config", config, "--study.only.sparsity=0.5",
+                     "--study.only.rewind_epoch=1", "--study.only.arm=lth", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {path.name.split("-", 3)[3]: path for path in store.glob("wandb/wandb/offline-run-*")}
+    stages = {path.name for kind in ("dense", "imp", "match", "arm")
+              for path in (store / kind).iterdir() if path.is_dir()}
+    assert set(runs) == stages and len(stages) == 2 + IMP_ROUNDS + 1 + 1
+    (row,) = records(store)
+    (log,) = runs[row["key"]].glob("run-*.wandb")
+    for value in (row["test_acc"], row["barrier_loss_after"], row["config_hash"]):
+        assert json.dumps(value).encode() in log.read_bytes(), value

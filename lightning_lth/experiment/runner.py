@@ -30,6 +30,7 @@ from lightning_lth.experiment.store import CHECKPOINTS, Store
 from lightning_lth.experiment.tracking import Tracking
 from lightning_lth.io import load_json, write_atomic
 from lightning_lth.module import LTHModule, load_snapshot, load_weights
+from lightning_lth.sparsity.mask import Mask
 
 # Trainer arguments the runner sets itself for every stage.
 RUNNER_SETS = ("logger", "callbacks", "max_epochs", "default_root_dir", "enable_checkpointing",
@@ -78,8 +79,6 @@ class Runner:
             if ref.stage is None:
                 load_weights(self.module().net, load_snapshot(ref.path), ref.path)
         if plan.match.mask is not None:
-            from lightning_lth.sparsity.mask import Mask
-
             model = self.config["model"]
             Mask.load(plan.match.mask.path).check_fits(self.module().net, model["arch"],
                                                        model["width"])
@@ -138,14 +137,17 @@ class Runner:
 
     # -- results ----------------------------------------------------------------------------
     def record(self, arm: ArmStage, result: dict) -> Record:
-        """The arm's record: its result, plus what it came from (dense, IMP, matching)."""
+        """The arm's record: its result, plus what it came from (dense, IMP, matching).
+
+        Only reads finished stages (``experiment`` runs every stage of the plan before its
+        arms): rank 0 calls it alone, so it must not start one."""
         plan = self._plan
         model = self.config["model"]
-        match_dir = self.run(plan.match)
+        match_dir = self.store.path(plan.match)
         curves = load_json(match_dir / "connectivity.json")
-        dense = {role: load_json(self.run(stage) / "metrics.json")["test_acc"]
+        dense = {role: load_json(self.store.path(stage) / "metrics.json")["test_acc"]
                  for role, stage in (("a", plan.dense_a), ("b", plan.dense_b))}
-        pruned = load_json(self.run(arm.round) / "metrics.json")["test_acc"]
+        pruned = load_json(self.store.path(arm.round) / "metrics.json")["test_acc"]
         return Record(
             model=model["arch"], dataset=self.config["data"]["dataset"], width=model["width"],
             seed=arm.seed, method=arm.arm.name, sparsity=arm.sparsity,
@@ -164,7 +166,7 @@ class Runner:
 
     def experiment(self) -> list[Record]:
         started = time.time()
-        self._plan = plan = self.plan()
+        plan = self.plan()
         for stage in plan.stages:
             self.run(stage)
         records = []

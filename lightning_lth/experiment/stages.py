@@ -212,7 +212,7 @@ class ImpRound(Stage):
             save_tensors({"state_dict": _state(module.net), "epoch": self.step * self.epochs,
                           "meta": dict(mask.meta)}, work / "weights.pt")
             save_json(metrics, work / "metrics.json")
-            ctx.tracking.log_round(self, metrics)
+            ctx.tracking.summary(trainer, {f"imp/{key}": value for key, value in metrics.items()})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,4 +328,5 @@ class ArmStage(Stage):
                        "num_threads": torch.get_num_threads(), "device": str(ctx.device()),
                        "order_seed": ctx.order_seed(*self.order())},
                       work / "result.json")
-            ctx.tracking.arm_summary(trainer, ctx.record(self, load_json(work / "result.json")))
+            record = ctx.record(self, load_json(work / "result.json"))
+            ctx.tracking.summary(trainer, record.to_dict())

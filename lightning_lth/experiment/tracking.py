@@ -57,14 +57,6 @@ class Tracking:
                            resume="allow",
                            config={"stage": stage.kind, "key": stage.key, **config})
 
-    def log_round(self, stage, metrics: dict) -> None:
-        """An IMP round's sparsity and test accuracy, one W&B run per round."""
-        logger = self.logger(stage, "imp", {"round": metrics["step"]})
-        if logger is not None:
-            logger.log_metrics({f"imp/{key}": metrics[key] for key in
-                                ("sparsity", "zeros", "test_acc", "test_loss")
-                                if metrics.get(key) is not None}, step=metrics["step"])
-
     def log_connectivity(self, stage, curves: dict, png: Path, method: str) -> None:
         """The interpolation curves (one step per alpha), barriers and plot."""
         logger = self.logger(stage, "match", {"method": method})
@@ -86,8 +78,9 @@ class Tracking:
             wandb.finish()
 
     @staticmethod
-    def arm_summary(trainer, record) -> None:
-        """The arm's record in its W&B run's summary: what sweeps and the report read."""
+    def summary(trainer, values: dict) -> None:
+        """``values`` into the summary of the stage's W&B run, where it has one: an arm's
+        record, an IMP round's sparsity and accuracy (what sweeps and the report read)."""
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update(record.to_dict())
+                logger.experiment.summary.update(values)
