@@ -5,12 +5,13 @@ A :class:`PermutationSpec` is one declarative table. Every parameter and buffer 
 ``num_batches_tracked`` is skipped) maps to a tuple with one entry per tensor axis: the name of
 the permutation group that permutes that axis, or ``None``. A group is a set of hidden units
 that must be permuted together: a layer's output channels, or, in a ResNet, every channel of a
-residual stream. Each group also names its *matching point*, the module whose output carries
-the group's units, which activation matching reads (see ``matching.py``).
+residual stream. Each group also names its *matching point*, the module (or graph node) whose
+output carries the group's units, which activation matching reads (see ``matching.py``).
 
-Each model declares its own spec with a ``permutation_spec()`` method (the built-in ResNet20,
-VGG11 and MLP do); :func:`get_spec` asks the model for it, and :func:`check_spec` verifies any
-spec on any model by permuting a copy at random and comparing outputs.
+A model may declare its own spec with a ``permutation_spec()`` method (the built-in ResNet20,
+VGG11 and MLP do); :func:`get_spec` asks the model for it, or else derives one from the model's
+torch.fx graph (``trace.py``), and :func:`check_spec` verifies any spec on any model by
+permuting a copy at random and comparing outputs.
 
 Permutation convention, used by every function in this package: ``perm[group]`` is a
 LongTensor ``p`` of the group's size and the permuted net's unit ``j`` is the original net's
@@ -42,21 +43,34 @@ POST_OPS = (None, "relu")
 
 @dataclass(frozen=True)
 class MatchPoint:
-    """Where activation matching reads a group's units: the output of ``module``.
+    """Where activation matching reads a group's units: the output of ``module``, or of the
+    graph node ``node`` of the model's torch.fx trace (``trace.py``).
 
     ``post`` is applied to that output first: ``"relu"`` for a point after a nonlinearity that
     is not a module of its own (a ResNet block's ``bn1`` output goes through a ReLU module that
-    the block calls twice, so the point is ``bn1`` + ``post="relu"``). The output's dimension 1
-    is the channel dimension; every other position (batch, spatial) is one sample.
+    the block calls twice, so the point is ``bn1`` + ``post="relu"``). ``node`` names outputs
+    that no module call returns alone, such as a functional op's output or one call of a module
+    called twice; a derived spec uses it only when no module fits (module hooks need no trace).
+    Give exactly one of ``module`` and ``node``. The output's dimension 1 is the channel
+    dimension; every other position (batch, spatial) is one sample.
     """
 
-    module: str
+    module: str | None = None
     post: str | None = None
+    node: str | None = None
 
     def __post_init__(self):
+        if (self.module is None) == (self.node is None):
+            raise LTHError(f"a match point names exactly one of a module and a graph node; got "
+                           f"module={self.module!r}, node={self.node!r}")
         if self.post not in POST_OPS:
             raise LTHError(f"match point post-op {self.post!r} is not supported; valid: "
                            f"{', '.join(map(repr, POST_OPS))}")
+
+    @property
+    def where(self) -> str:
+        """How messages name the point."""
+        return f"module {self.module!r}" if self.node is None else f"graph node {self.node!r}"
 
 
 @dataclass
@@ -133,13 +147,21 @@ class PermutationSpec:
         return self.group_sizes(state)
 
 
-def get_spec(model: nn.Module) -> PermutationSpec:
-    """The model's own spec (its ``permutation_spec()`` method)."""
+def get_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
+    """The model's own spec (its ``permutation_spec()`` method), else one derived from its
+    torch.fx graph with ``example_input`` (a batch it accepts) and checked with
+    :func:`check_spec` (``trace.derive_spec``)."""
     declare = getattr(model, "permutation_spec", None)
     if declare is None:
-        raise LTHError(f"model {type(model).__name__} declares no permutation spec: add a "
-                       f"permutation_spec() method returning a "
-                       f"lightning_lth.symmetry.PermutationSpec")
+        if example_input is None:
+            raise LTHError(f"model {type(model).__name__} declares no permutation spec and no "
+                           f"example_input was given to derive one from its graph: pass "
+                           f"get_spec(model, example_input=<a batch>) or add a "
+                           f"permutation_spec() method returning a "
+                           f"lightning_lth.symmetry.PermutationSpec")
+        from lightning_lth.symmetry.trace import derive_spec  # trace imports this module
+
+        return derive_spec(model, example_input)
     spec = declare()
     if not isinstance(spec, PermutationSpec):
         raise LTHError(f"{type(model).__name__}.permutation_spec() returned "
