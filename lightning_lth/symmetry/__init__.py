@@ -29,7 +29,7 @@ from lightning_lth.symmetry.spec import (
     invert_permutation,
     random_permutation,
 )
-from lightning_lth.symmetry.trace import derive_spec
+from lightning_lth.symmetry.trace import derive_spec, skip_path_convs
 
 __all__ = [
     "METHODS",
@@ -52,5 +52,6 @@ __all__ = [
     "plot_interpolation",
     "random_permutation",
     "recompute_bn_stats",
+    "skip_path_convs",
     "weight_match",
 ]

@@ -81,6 +81,7 @@ ELEMENTWISE_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isu
                          operator.imul, operator.truediv, operator.itruediv, torch.add,
                          torch.sub, torch.mul, torch.div}
 ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
@@ -554,3 +555,52 @@ def tap(model: nn.Module, points: dict[str, MatchPoint]) -> tuple[fx.GraphModule
     graph_module.recompile()
     return graph_module, taps
 
+
+# ----------------------------------------------------------------------------------------------
+# skip paths, for IMP's prunable set
+
+
+def skip_path_convs(model: nn.Module) -> list[str]:
+    """Convolutions alone on the skip branch of a residual add (torchvision's
+    ``layerN.0.downsample.0``, ResNet20's ``shortcut.0``), in graph order.
+
+    A branch of an ``add`` is the chain of single-user, single-input nodes leading back from
+    the operand to the node both branches start from; a skip conv is the one conv of such a
+    chain whose start reaches the other operand through two or more convs (the block).
+    """
+    graph = trace(model).graph
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    found = []
+    for node in graph.nodes:
+        if not (node.op == "call_function" and node.target in ADD_FUNCTIONS
+                or node.op == "call_method" and node.target in ("add", "add_")):
+            continue
+        operands = [arg for arg in node.args[:2] if isinstance(arg, fx.Node)]
+        if len(operands) != 2:
+            continue
+        for own, other in (operands, operands[::-1]):
+            convs, start = [], own
+            while len(start.users) == 1 and len(_nodes_in((start.args, start.kwargs))) == 1 \
+                    and start.op in ("call_module", "call_function", "call_method"):
+                if _is_conv(start, model):
+                    convs.append(start.target)
+                start = _nodes_in((start.args, start.kwargs))[0]
+            if len(convs) == 1 and _most_convs(graph, model, order, start, other) >= 2:
+                found.append(convs[0])
+    return list(dict.fromkeys(found))
+
+
+def _is_conv(node: fx.Node, model: nn.Module) -> bool:
+    return node.op == "call_module" and isinstance(model.get_submodule(node.target),
+                                                   nn.modules.conv._ConvNd)
+
+
+def _most_convs(graph, model, order, start, end) -> int:
+    """The most convs on a path start -> end (-1: no path)."""
+    best = {start: 0}
+    for node in graph.nodes:
+        if order[start] < order[node] <= order[end]:
+            reached = [best[arg] for arg in _nodes_in((node.args, node.kwargs)) if arg in best]
+            if reached:
+                best[node] = max(reached) + _is_conv(node, model)
+    return best.get(end, -1)
