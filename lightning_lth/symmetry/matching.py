@@ -8,10 +8,10 @@ such that ``apply_permutation(A's state, spec, p)`` lines up with B (convention 
   mode see the same training images; each group's match point is read by a forward hook on its
   module, or, when a spec names graph nodes, on an identity tap inserted after that node in the
   net's torch.fx trace (``trace.tap``, which then runs instead of the net, on the same weights);
-  at each match point the per-channel sums, second
-  moments and the A x B cross moment are accumulated in float64 (conv maps: every batch element
-  and spatial position is a sample); correlation = cov / (std_A std_B + eps); the assignment
-  maximising the summed correlation is solved with ``scipy.optimize.linear_sum_assignment``.
+  at each match point the per-channel sums, second moments and the A x B cross moment are
+  accumulated in float64 (conv maps: every batch element and spatial position is a sample);
+  correlation = cov / (std_A std_B + eps); the assignment maximising the summed correlation is
+  solved with ``scipy.optimize.linear_sum_assignment``.
 - ``"weight"``: Git Re-Basin's data-free weight matching, coordinate descent over groups.
 
 Distributed: when ``torch.distributed`` is initialised, activation matching all-reduces (sums)
