@@ -26,7 +26,9 @@ class MLP(nn.Module):
 
     def permutation_spec(self):
         """Weight symmetries (lightning_lth.symmetry): one group per hidden layer, matched after
-        its ReLU."""
+        its ReLU. Written by hand to document the symmetry and to skip tracing: ``get_spec``
+        uses it first; ``symmetry.trace.derive_spec`` gives the same groups and match points
+        (tests/test_trace.py)."""
         from lightning_lth.symmetry.spec import MatchPoint, PermutationSpec
 
         axes, points, previous, count = {}, {}, None, 0

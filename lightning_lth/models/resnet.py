@@ -71,6 +71,9 @@ class ResNet20(nn.Module):
         every conv on it and by the fc input; matched at the stage's output (its last block's
         output). ``stage{s}.block{b}``: the block's conv1/bn1 outputs = conv2's inputs,
         matched after bn1 + ReLU. A block with an identity shortcut keeps its input's stream.
+        Written by hand to document the symmetry and to skip tracing: ``get_spec`` uses it
+        first; ``symmetry.trace.derive_spec`` gives the same groups and match points
+        (tests/test_trace.py).
         """
         from lightning_lth.symmetry.spec import MatchPoint, PermutationSpec
 

@@ -38,7 +38,9 @@ class VGG11(nn.Module):
         """Weight symmetries (lightning_lth.symmetry): one group per conv's output channels,
         matched after its ReLU. The classifier's input follows the last conv's channels (with a
         1x1 final map the flatten order is the channel order; a larger map is handled by the
-        spec's flattened-axis rule)."""
+        spec's flattened-axis rule). Written by hand to document the symmetry and to skip
+        tracing: ``get_spec`` uses it first; ``symmetry.trace.derive_spec`` gives the same
+        groups and match points (tests/test_trace.py)."""
         from lightning_lth.symmetry.spec import MatchPoint, PermutationSpec
 
         axes, points, previous, count = {}, {}, None, 0

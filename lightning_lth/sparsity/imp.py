@@ -54,13 +54,17 @@ PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 
 # -- what is pruned -------------------------------------------------------------------------
 def prunable_names(net: nn.Module, include: Sequence[str] | None = None,
-                   exclude: Sequence[str] | None = None) -> list[str]:
+                   exclude: Sequence[str] | None = None,
+                   exclude_skip_paths: bool = False) -> list[str]:
     """Names of the conv and linear weights (ndim >= 2) that IMP prunes.
 
     A name must match an ``include`` pattern and no ``exclude`` pattern (fnmatch, on the
     names of ``net.named_parameters()``). Defaults: ``PruneSettings``' (all ``*.weight``, not
     ResNet shortcut convs, as in the authors' code). Biases and BatchNorm parameters are never
-    pruned: they are not conv/linear weights.
+    pruned: they are not conv/linear weights. ``exclude_skip_paths``: also leave out the convs
+    that the model's torch.fx graph shows alone on a residual skip path
+    (``symmetry.trace.skip_path_convs``, e.g. torchvision's ``layer2.0.downsample.0``): the
+    authors' shortcut rule for models whose names the default patterns do not know.
     """
     defaults = PruneSettings()
     include = list(defaults.include if include is None else include)
@@ -77,8 +81,13 @@ def prunable_names(net: nn.Module, include: Sequence[str] | None = None,
         if weight is None or weight.ndim < 2:
             continue
         candidates.append(f"{module_name}.weight" if module_name else "weight")
-    names = [name for name in candidates
-             if any(fnmatch.fnmatchcase(name, p) for p in include)
+    skipped = set()
+    if exclude_skip_paths:
+        from lightning_lth.symmetry.trace import skip_path_convs  # torch.fx only when asked
+
+        skipped = {f"{name}.weight" for name in skip_path_convs(net)}
+    names = [name for name in candidates if name not in skipped
+             and any(fnmatch.fnmatchcase(name, p) for p in include)
              and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
     if not names:
         raise LTHError(f"no prunable weights: include={include} exclude={exclude} leave none of "

@@ -1,6 +1,6 @@
 """Weight symmetry: permutation specs, matching (activation / weight) and mode connectivity.
 
-    spec = model.permutation_spec()             # each model declares its own
+    spec = get_spec(model, example_input=x)     # declared (permutation_spec()) or derived
     check_spec(model, spec)                     # LTHError unless permutations keep the function
     pi = match(model_a, model_b, spec, method="activation", batches=train_loader,
                num_batches=None)                # {group: LongTensor}, pi(A) aligns with B
@@ -29,6 +29,7 @@ from lightning_lth.symmetry.spec import (
     invert_permutation,
     random_permutation,
 )
+from lightning_lth.symmetry.trace import derive_spec, skip_path_convs
 
 __all__ = [
     "METHODS",
@@ -39,6 +40,7 @@ __all__ = [
     "barrier",
     "check_spec",
     "compare_naive_matched",
+    "derive_spec",
     "evaluate",
     "get_spec",
     "has_batchnorm",
@@ -50,5 +52,6 @@ __all__ = [
     "plot_interpolation",
     "random_permutation",
     "recompute_bn_stats",
+    "skip_path_convs",
     "weight_match",
 ]

@@ -5,10 +5,13 @@ such that ``apply_permutation(A's state, spec, p)`` lines up with B (convention 
 ``spec.py``: the permuted net's unit ``j`` is A's unit ``p[j]``).
 
 - ``"activation"`` (the paper's method, method.md "Activation matching"): both nets in eval
-  mode see the same training images; at each group's match point the per-channel sums, second
-  moments and the A x B cross moment are accumulated in float64 (conv maps: every batch element
-  and spatial position is a sample); correlation = cov / (std_A std_B + eps); the assignment
-  maximising the summed correlation is solved with ``scipy.optimize.linear_sum_assignment``.
+  mode see the same training images; each group's match point is read by a forward hook on its
+  module, or, when a spec names graph nodes, on an identity tap inserted after that node in the
+  net's torch.fx trace (``trace.tap``, which then runs instead of the net, on the same weights);
+  at each match point the per-channel sums, second moments and the A x B cross moment are
+  accumulated in float64 (conv maps: every batch element and spatial position is a sample);
+  correlation = cov / (std_A std_B + eps); the assignment maximising the summed correlation is
+  solved with ``scipy.optimize.linear_sum_assignment``.
 - ``"weight"``: Git Re-Basin's data-free weight matching, coordinate descent over groups.
 
 Distributed: when ``torch.distributed`` is initialised, activation matching all-reduces (sums)
@@ -141,16 +144,16 @@ class _Moments:
         """side 0: A's activation (starts a batch); side 1: B's (completes it)."""
         units = self.units
         if not isinstance(out, torch.Tensor):
-            raise LTHError(f"match point {point.module!r} returns {type(out).__name__}, "
+            raise LTHError(f"match point {point.where} returns {type(out).__name__}, "
                            f"expected a tensor")
         if out.dim() < 2 or out.shape[1] != units:
-            raise LTHError(f"match point {point.module!r} gives shape {tuple(out.shape)}; "
+            raise LTHError(f"match point {point.where} gives shape {tuple(out.shape)}; "
                            f"group {self.group!r} expects {units} channels on dimension 1")
         if self.pending != bool(side):  # A twice before B, or B without A
-            raise LTHError(f"match point {point.module!r} ran more than once in one forward "
+            raise LTHError(f"match point {point.where} ran more than once in one forward "
                            f"pass; a match point must be a module that runs once (e.g. not a "
                            f"ReLU module reused inside a block: use the module before it with "
-                           f"post='relu')")
+                           f"post='relu', or a graph node)")
         rows = out.numel() // units
         if side == 0:
             exact = out.device.type != "cpu" or out.dtype == torch.float64
@@ -160,7 +163,7 @@ class _Moments:
                 self.buffer = torch.empty(rows, 2 * units, dtype=dtype, device=out.device)
                 self.ones = torch.ones(rows, dtype=dtype, device=out.device) if exact else None
         elif rows != self.buffer.shape[0]:
-            raise LTHError(f"match point {point.module!r}: A and B give different shapes")
+            raise LTHError(f"match point {point.where}: A and B give different shapes")
         half = self.buffer[:, side * units:(side + 1) * units]
         half.view(out.shape[0], *out.shape[2:], units).copy_(out.detach().movedim(1, -1))
         if point.post == "relu":
@@ -230,7 +233,6 @@ def activation_match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSp
     if num_batches is not None and num_batches < 1:
         raise LTHError(f"num_batches must be >= 1 or None, got {num_batches}")
     sizes = spec.validate(model_a)
-    modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
     moments = {group: _Moments(group, n) for group, n in sizes.items()}
     handles = []
 
@@ -241,26 +243,22 @@ def activation_match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSp
             moments[group].put(side, out, point)
         return record
 
-    for group in sizes:
-        point = spec.points[group]
-        if point.module not in modules_a:
-            raise LTHError(f"match point {point.module!r} of group {group!r} is not a module "
-                           f"of {type(model_a).__name__}")
-        handles.append(modules_a[point.module].register_forward_hook(hook(group, 0)))
-        handles.append(modules_b[point.module].register_forward_hook(hook(group, 1)))
-
     modes = (model_a.training, model_b.training)
     device_a, device_b = _device(model_a), _device(model_b)
     used = 0
     try:
-        model_a.eval()
+        model_a.eval()  # before tracing: fx bakes self.training in
         model_b.eval()
+        run_a, run_b, readers_a, readers_b = _readers(model_a, model_b, spec, sizes)
+        for group in sizes:
+            handles.append(readers_a[group].register_forward_hook(hook(group, 0)))
+            handles.append(readers_b[group].register_forward_hook(hook(group, 1)))
         for batch in batches:
             if num_batches is not None and used >= num_batches:
                 break
             x = _inputs(batch)
-            model_a(x.to(device_a, non_blocking=True))
-            model_b(x.to(device_b, non_blocking=True))
+            run_a(x.to(device_a, non_blocking=True))
+            run_b(x.to(device_b, non_blocking=True))
             missing = sorted(g for g, m in moments.items() if m.pending)
             if missing:
                 raise LTHError(f"match point(s) of group(s) {', '.join(missing)} ran in A but "
@@ -290,6 +288,25 @@ def activation_match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSp
     if distributed:
         perms = _broadcast_perms(perms, _collective_device(device_a))
     return perms
+
+
+def _readers(model_a, model_b, spec, sizes):
+    """(what to run for A, for B, {group: module to hook} for A, for B). Module points are
+    hooked on the nets; a spec with graph-node points runs each net's traced graph with a tap
+    per point instead (``trace.tap``: same modules and weights)."""
+    points = {group: spec.points[group] for group in sizes}
+    if any(point.node is not None for point in points.values()):
+        from lightning_lth.symmetry.trace import tap  # torch.fx only for such specs
+
+        (run_a, taps_a), (run_b, taps_b) = tap(model_a, points), tap(model_b, points)
+        return run_a, run_b, taps_a, taps_b
+    modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
+    for group, point in points.items():
+        if point.module not in modules_a:
+            raise LTHError(f"match point {point.module!r} of group {group!r} is not a module "
+                           f"of {type(model_a).__name__}")
+    return (model_a, model_b, {g: modules_a[p.module] for g, p in points.items()},
+            {g: modules_b[p.module] for g, p in points.items()})
 
 
 def solve_assignments(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,12 +5,13 @@ A :class:`PermutationSpec` is one declarative table. Every parameter and buffer 
 ``num_batches_tracked`` is skipped) maps to a tuple with one entry per tensor axis: the name of
 the permutation group that permutes that axis, or ``None``. A group is a set of hidden units
 that must be permuted together: a layer's output channels, or, in a ResNet, every channel of a
-residual stream. Each group also names its *matching point*, the module whose output carries
-the group's units, which activation matching reads (see ``matching.py``).
+residual stream. Each group also names its *matching point*, the module (or graph node) whose
+output carries the group's units, which activation matching reads (see ``matching.py``).
 
-Each model declares its own spec with a ``permutation_spec()`` method (the built-in ResNet20,
-VGG11 and MLP do); :func:`get_spec` asks the model for it, and :func:`check_spec` verifies any
-spec on any model by permuting a copy at random and comparing outputs.
+A model may declare its own spec with a ``permutation_spec()`` method (the built-in ResNet20,
+VGG11 and MLP do); :func:`get_spec` asks the model for it, or else derives one from the model's
+torch.fx graph (``trace.py``), and :func:`check_spec` verifies any spec on any model by
+permuting a copy at random and comparing outputs.
 
 Permutation convention, used by every function in this package: ``perm[group]`` is a
 LongTensor ``p`` of the group's size and the permuted net's unit ``j`` is the original net's
@@ -26,8 +27,8 @@ on its input axis. The group's size is the smallest axis size that carries it.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,21 +43,34 @@ POST_OPS = (None, "relu")
 
 @dataclass(frozen=True)
 class MatchPoint:
-    """Where activation matching reads a group's units: the output of ``module``.
+    """Where activation matching reads a group's units: the output of ``module``, or of the
+    graph node ``node`` of the model's torch.fx trace (``trace.py``).
 
     ``post`` is applied to that output first: ``"relu"`` for a point after a nonlinearity that
     is not a module of its own (a ResNet block's ``bn1`` output goes through a ReLU module that
-    the block calls twice, so the point is ``bn1`` + ``post="relu"``). The output's dimension 1
-    is the channel dimension; every other position (batch, spatial) is one sample.
+    the block calls twice, so the point is ``bn1`` + ``post="relu"``). ``node`` names outputs
+    that no module call returns alone, such as a functional op's output or one call of a module
+    called twice; a derived spec uses it only when no module fits (module hooks need no trace).
+    Give exactly one of ``module`` and ``node``. The output's dimension 1 is the channel
+    dimension; every other position (batch, spatial) is one sample.
     """
 
-    module: str
+    module: str | None = None
     post: str | None = None
+    node: str | None = None
 
     def __post_init__(self):
+        if (self.module is None) == (self.node is None):
+            raise LTHError(f"a match point names exactly one of a module and a graph node; got "
+                           f"module={self.module!r}, node={self.node!r}")
         if self.post not in POST_OPS:
             raise LTHError(f"match point post-op {self.post!r} is not supported; valid: "
                            f"{', '.join(map(repr, POST_OPS))}")
+
+    @property
+    def where(self) -> str:
+        """How messages name the point."""
+        return f"module {self.module!r}" if self.node is None else f"graph node {self.node!r}"
 
 
 @dataclass
@@ -133,13 +147,21 @@ class PermutationSpec:
         return self.group_sizes(state)
 
 
-def get_spec(model: nn.Module) -> PermutationSpec:
-    """The model's own spec (its ``permutation_spec()`` method)."""
+def get_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
+    """The model's own spec (its ``permutation_spec()`` method), else one derived from its
+    torch.fx graph with ``example_input`` (a batch it accepts) and checked with
+    :func:`check_spec` (``trace.derive_spec``)."""
     declare = getattr(model, "permutation_spec", None)
     if declare is None:
-        raise LTHError(f"model {type(model).__name__} declares no permutation spec: add a "
-                       f"permutation_spec() method returning a "
-                       f"lightning_lth.symmetry.PermutationSpec")
+        if example_input is None:
+            raise LTHError(f"model {type(model).__name__} declares no permutation spec and no "
+                           f"example_input was given to derive one from its graph: pass "
+                           f"get_spec(model, example_input=<a batch>) or add a "
+                           f"permutation_spec() method returning a "
+                           f"lightning_lth.symmetry.PermutationSpec")
+        from lightning_lth.symmetry.trace import derive_spec  # trace imports this module
+
+        return derive_spec(model, example_input)
     spec = declare()
     if not isinstance(spec, PermutationSpec):
         raise LTHError(f"{type(model).__name__}.permutation_spec() returned "
@@ -259,27 +281,44 @@ def invert_permutation(perm: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 # the checker
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode inside the block; every module's mode restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
 def _perturbed_state(model: nn.Module, dtype, seed: int) -> dict[str, torch.Tensor]:
-    """The model's state in ``dtype`` with every float tensor jittered, so that a spec entry
-    missing for a tensor whose values are all equal (fresh BatchNorm, zero biases) is caught.
-    Positive tensors (BN weight, running_var) stay positive. The noise is drawn on the
-    tensors' device from a generator seeded with ``seed`` (deterministic per device)."""
+    """The model's float tensors in ``dtype``, each jittered, so that a spec entry missing for
+    a tensor whose values are all equal (fresh BatchNorm, zero biases) is caught. Positive
+    tensors (BN weight, running_var) are scaled by factors in [0.8, 1.2) and stay positive;
+    others get uniform noise within +-0.2 x their mean magnitude (0.1 if zero). The noise is
+    uniform float32 (a few times cheaper than normal float64 on a CPU, which matters for
+    70M-parameter nets), drawn on the tensors' device from a generator seeded with ``seed``
+    (deterministic per device)."""
     state, generators = {}, {}
     for name, t in model.state_dict().items():
         if not t.is_floating_point():
-            state[name] = t.clone()
             continue
-        t = t.detach().to(dtype)
+        if not t.numel():
+            state[name] = t.to(dtype, copy=True)
+            continue
         if t.device not in generators:
             generators[t.device] = torch.Generator(device=t.device).manual_seed(seed)
-        noise = torch.randn(t.shape, generator=generators[t.device], dtype=dtype,
-                            device=t.device)
-        if t.numel() and bool((t > 0).all()):
-            t = t * torch.exp(0.2 * noise)
+        t = t.detach().to(torch.promote_types(t.dtype, torch.float32))
+        noise = torch.rand(t.shape, generator=generators[t.device], dtype=t.dtype,
+                           device=t.device).sub_(0.5)  # in [-0.5, 0.5)
+        if float(t.amin()) > 0:
+            noise.mul_(0.4).add_(1).mul_(t)
         else:
-            scale = float(t.abs().mean()) if t.numel() else 0.0
-            t = t + 0.2 * (scale if scale > 0 else 0.1) * noise
-        state[name] = t
+            scale = float(torch.linalg.vector_norm(t, 1)) / t.numel()
+            noise.mul_(0.4 * (scale if scale > 0 else 0.1)).add_(t)
+        state[name] = noise.to(dtype)
     return state
 
 
@@ -289,9 +328,10 @@ def check_spec(model: nn.Module, spec: PermutationSpec | None = None,
                dtype: torch.dtype = torch.float64) -> None:
     """Raise LTHError unless permuting every group at random leaves the model's function alone.
 
-    Runs on a copy of the model (never changes it), in eval mode and ``dtype`` (float64 by
-    default: on a GPU, float32 convolutions may run in TF32, whose ~1e-3 relative error
-    would fail the tolerance), with every float tensor jittered first (see :func:`_perturbed_state`). Passes
+    Runs the model in eval mode (each module's mode is restored after) on a jittered copy of
+    its float tensors in ``dtype`` (``torch.func.functional_call``: the model itself is neither
+    changed nor copied; see :func:`_perturbed_state`). float64 by default: on a GPU, float32
+    convolutions may run in TF32, whose ~1e-3 relative error would fail the tolerance. Passes
     when ``max|f_perm(x) - f(x)| <= atol * max|f(x)|``. On failure each group is tried alone
     and the message names the groups whose permutation changes the output.
     ``x`` defaults to 2 random samples of ``spec.check_input_shape``.
@@ -305,12 +345,13 @@ def check_spec(model: nn.Module, spec: PermutationSpec | None = None,
             raise LTHError("permutation spec has no check_input_shape; pass an example input")
         x = torch.randn((2, *spec.check_input_shape), generator=gen, dtype=dtype)
     x = x.to(device=device, dtype=dtype)
-    probe = copy.deepcopy(model).to(dtype).eval()
-    state = _perturbed_state(probe, dtype, seed + 1)
+    state = _perturbed_state(model, dtype, seed + 1)
+    unsaved = {name: b.to(dtype) for name, b in model.named_buffers()  # non-persistent buffers
+               if b.is_floating_point() and name not in state}
 
     def run(s):
-        probe.load_state_dict(s)
-        out = probe(x)
+        with eval_mode(model):
+            out = torch.func.functional_call(model, {**unsaved, **s}, (x,))
         return out if isinstance(out, torch.Tensor) else out[0]
 
     reference = run(state)
