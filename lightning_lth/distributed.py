@@ -47,6 +47,29 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def collective_device(self, device: torch.device) -> torch.device:
+        """Where a collective's tensors must live: NCCL needs CUDA tensors."""
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def sum_(self, tensor: torch.Tensor) -> None:
+        """In place: the sum of ``tensor`` over the ranks."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def broadcast_tensors(self, tensors: dict[str, torch.Tensor],
+                          device: torch.device) -> dict[str, torch.Tensor]:
+        """Rank 0's tensors (same names, same shapes on every rank), back on the CPU."""
+        if not self.active:
+            return tensors
+        out = {}
+        for name in sorted(tensors):  # the same order on every rank
+            tensor = tensors[name].to(self.collective_device(device))
+            dist.broadcast(tensor, src=0)
+            out[name] = tensor.cpu()
+        return {name: out[name] for name in tensors}
+
     def ranks_agree(self, what: str, tensors: dict[str, torch.Tensor]) -> None:
         """Every rank must hold the same tensors (masks, pi), else stop loudly."""
         if not self.active:

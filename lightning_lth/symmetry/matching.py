@@ -14,8 +14,8 @@ such that ``apply_permutation(A's state, spec, p)`` lines up with B (convention 
   solved with ``scipy.optimize.linear_sum_assignment``.
 - ``"weight"``: Git Re-Basin's data-free weight matching, coordinate descent over groups.
 
-Distributed: when ``torch.distributed`` is initialised, activation matching all-reduces (sums)
-the float64 moments across ranks, so the statistics cover every rank's batches, and then
+Distributed (``context``: the DDP context the runner passes): activation matching all-reduces
+(sums) the float64 moments across ranks, so the statistics cover every rank's batches, and then
 broadcasts the permutations from rank 0, so every rank returns the identical ``pi`` (each rank
 should feed its own shard of the data; every rank must call ``match``). Weight matching is
 computed from the weights alone and is also broadcast from rank 0.
@@ -29,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
 from lightning_lth.symmetry.spec import (
     PermutationSpec,
@@ -48,7 +48,8 @@ METHODS = ("activation", "weight")
 def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None,
           method: str = "activation", batches: Iterable | None = None,
           num_batches: int | None = None, seed: int = 0, eps: float = 1e-4,
-          max_iter: int = 100, check: bool = True) -> dict[str, torch.Tensor]:
+          max_iter: int = 100, check: bool = True,
+          context: DistContext | None = None) -> dict[str, torch.Tensor]:
     """The permutation ``pi`` that aligns A to B: ``{group: LongTensor}`` on the CPU.
 
     spec: defaults to ``model_a.permutation_spec()``; it is checked first with
@@ -59,7 +60,9 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
     (absolute, in squared activation units: it only damps units that are nearly constant on the
     data; trained nets' activations have std around 0.1 to 1).
     max_iter: weight matching's maximum passes over all groups.
+    context: the DDP context (default: this process's); under DDP every rank must call.
     """
+    context = context if context is not None else DistContext()
     if method not in METHODS:
         raise LTHError(f"unknown matching method {method!r}; valid methods: "
                        f"{', '.join(METHODS)}")
@@ -70,9 +73,9 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
     if method == "activation":
         if batches is None:
             raise LTHError("activation matching needs training batches (batches=...)")
-        return activation_match(model_a, model_b, spec, batches, num_batches, eps)
+        return activation_match(model_a, model_b, spec, batches, num_batches, eps, context)
     return weight_match(dict(model_a.named_parameters()), dict(model_b.named_parameters()),
-                        spec, seed=seed, max_iter=max_iter)
+                        spec, seed=seed, max_iter=max_iter, context=context)
 
 
 def _check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -98,19 +101,6 @@ def solve_assignment(score: torch.Tensor) -> torch.Tensor:
                                        maximize=True)
     assert np.array_equal(rows, np.arange(len(rows)))
     return torch.from_numpy(cols.astype(np.int64))
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _broadcast_perms(perms: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    out = {}
-    for group in sorted(perms):
-        tensor = perms[group].to(device)
-        dist.broadcast(tensor, src=0)
-        out[group] = tensor.cpu()
-    return {g: out[g] for g in perms}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,9 +189,9 @@ class _Moments:
         self.buffer = self.ones = None
         self.pending = False
 
-    def all_reduce(self) -> None:
+    def all_reduce(self, context: DistContext) -> None:
         for tensor in (self.n, self.sums, self.squares, self.cross):
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            context.sum_(tensor)
 
     def correlation(self, eps: float) -> torch.Tensor:
         """corr[i, j] between A's unit i and B's unit j."""
@@ -228,8 +218,10 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def activation_match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
                      batches: Iterable, num_batches: int | None = None,
-                     eps: float = 1e-4) -> dict[str, torch.Tensor]:
+                     eps: float = 1e-4,
+                     context: DistContext | None = None) -> dict[str, torch.Tensor]:
     """Activation matching (module docstring). Does not run the spec checker: use match()."""
+    context = context if context is not None else DistContext()
     if num_batches is not None and num_batches < 1:
         raise LTHError(f"num_batches must be >= 1 or None, got {num_batches}")
     sizes = spec.validate(model_a)
@@ -272,22 +264,18 @@ def activation_match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSp
         model_a.train(modes[0])
         model_b.train(modes[1])
 
-    distributed = _distributed()
-    if distributed:
+    if context.active:
         for group in sorted(moments):  # same order on every rank
             if moments[group].n is None:  # this rank saw no batch: contribute zeros
-                moments[group].zero_totals(_collective_device(device_a))
-            moments[group].all_reduce()
+                moments[group].zero_totals(context.collective_device(device_a))
+            moments[group].all_reduce(context)
     for group, m in moments.items():
         if m.n is None or float(m.n) == 0:
             raise LTHError(f"activation matching saw no activations for group {group!r} "
                            f"(empty batches?)")
     # rows: B's units, columns: A's units -> p[j] = A's unit for B's unit j
     scores = {group: moments[group].correlation(eps).T.cpu() for group in sizes}
-    perms = solve_assignments(scores)
-    if distributed:
-        perms = _broadcast_perms(perms, _collective_device(device_a))
-    return perms
+    return context.broadcast_tensors(solve_assignments(scores), device_a)
 
 
 def _readers(model_a, model_b, spec, sizes):
@@ -320,13 +308,6 @@ def solve_assignments(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         return {group: future.result() for group, future in futures.items()}
 
 
-def _collective_device(device: torch.device) -> torch.device:
-    """The device for collectives: the backend's (NCCL needs CUDA tensors)."""
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 # ----------------------------------------------------------------------------------------------
 # weight matching
 
@@ -342,8 +323,8 @@ def _rows(tensor: torch.Tensor, axis: int, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_match(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                 spec: PermutationSpec, seed: int = 0,
-                 max_iter: int = 100) -> dict[str, torch.Tensor]:
+                 spec: PermutationSpec, seed: int = 0, max_iter: int = 100,
+                 context: DistContext | None = None) -> dict[str, torch.Tensor]:
     """Git Re-Basin weight matching: maximise sum_params <W_B, pi(W_A)> by coordinate descent.
 
     For each group in a random (seeded) order: sum over every tensor carrying the group of
@@ -352,6 +333,7 @@ def weight_match(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, to
     no change, or after max_iter passes. Only the tensors given are used (match() passes the
     parameters, not the BatchNorm running statistics).
     """
+    context = context if context is not None else DistContext()
     groups = {g: [(name, axis) for name, axis in entries if name in params_a]
               for g, entries in spec.groups.items()}
     groups = {g: e for g, e in groups.items() if e}
@@ -386,6 +368,4 @@ def weight_match(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, to
                 changed = True
         if not changed:
             break
-    if _distributed():
-        perms = _broadcast_perms(perms, _collective_device(device))
-    return perms
+    return context.broadcast_tensors(perms, device)
