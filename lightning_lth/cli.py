@@ -2,23 +2,87 @@
 
 fit / validate / test are LightningCLI's own. prune, match, experiment and plan parse the
 same config (trainer, model, data, study) and hand it to the pipeline; report reads results.
+``main`` routes them, and answers a bare ``--help`` with every command.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import warnings
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_lth.callbacks import RewindSnapshots, check_rewind_epochs
 from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.config import Study
+from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 from lightning_lth.module import LTHModule
 
 PIPELINE_COMMANDS = ("prune", "match", "experiment", "plan")
+PROG = "python -m lightning_lth"
+
+# command -> (one line, what it does at more length, an example): `--help`'s first lines.
+COMMANDS = {
+    "fit": ("train one net (LightningCLI); --model.mask keeps a mask fixed", "",
+            "fit --config configs/demo_fmnist.yaml"),
+    "validate": ("evaluate a checkpoint on the validation split (LightningCLI)", "",
+                 "validate --config configs/demo_fmnist.yaml --ckpt_path last.ckpt"),
+    "test": ("evaluate a checkpoint on the test split (LightningCLI)", "",
+             "test --config configs/demo_fmnist.yaml --ckpt_path last.ckpt"),
+    "experiment": (
+        "the whole study: dense A and B, IMP on A, matching, the LTH / naive / permuted arms",
+        "Runs every stage of the plan over the stage store (study.store), resuming what a "
+        "killed run left, then appends one record per arm to <store>/results.jsonl. On a "
+        "terminal one live view shows the stages, the epochs and an ETA; in a log file, one "
+        "line when each stage starts and one when it ends.",
+        "experiment --config configs/demo_fmnist.yaml --seed_everything=1"),
+    "prune": ("dense A and its IMP chain, one stage per round; prints each target's round "
+              "folder", "Trains dense A (or reads --study.weights_a) and prunes it round by "
+              "round to every sparsity in study.sparsities.",
+              "prune --config configs/demo_fmnist.yaml --study.sparsities=[0.9]"),
+    "match": ("pi from A to B, the interpolation before and after it, barriers",
+              "Aligns A's hidden units to B's (study.match.method), writes perm.pt, A "
+              "permuted, connectivity.json and interpolation.png; with --study.mask also that "
+              "mask permuted.",
+              "match --config configs/demo_fmnist.yaml --study.mask=mask.pt"),
+    "plan": ("the study's stages as a table (status, epochs, estimated time), nothing trained",
+             "Lists every stage of the plan with what it computes, its status in the store, "
+             "its epochs and its time (measured, or estimated from the stages the store has "
+             "timed), then the totals. --json prints the plan as JSON instead.",
+             "plan --config configs/demo_fmnist.yaml --json"),
+    "report": ("tables, figures and report.html from the arms' results",
+               "Reads <store>/results.jsonl (or --results, or --wandb_project) and writes "
+               "report.md, report.csv, the figures and report.html (one self-contained page: "
+               "open it in a browser, no network needed).",
+               "report --config configs/demo_fmnist.yaml"),
+}
+
+
+class _Described(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Keeps the description's line breaks, so its example stands on a line of its own."""
+
+
+def help_kwargs(command: str) -> dict:
+    """A study command's parser: ``--help`` starts with what it does and an example (the
+    option list follows; the usage line would be the whole option list again)."""
+    line, more, example = COMMANDS[command]
+    text = "\n\n".join([textwrap.fill(f"{PROG} {command}: {line}.", 88),
+                        textwrap.fill(more, 88), f"example:\n  {PROG} {example}"])
+    return {"prog": f"{PROG} {command}", "description": text, "usage": argparse.SUPPRESS,
+            "formatter_class": _Described}
+
+
+def overview() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} <command> [--config FILE] [--section.key=value ...]", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {line}" for name, (line, _, _) in COMMANDS.items()]
+    lines += ["", f"`{PROG} <command> --help` tells more about one command and its options."]
+    return "\n".join(lines)
 
 
 class LTHCLI(LightningCLI):
@@ -35,22 +99,31 @@ class LTHCLI(LightningCLI):
                 check_rewind_epochs(callback.epochs, self.trainer.max_epochs)
 
 
-def make_cli(args: list[str], run: bool = True) -> LTHCLI:
+def make_cli(args: list[str], run: bool = True, command: str | None = None) -> LTHCLI:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within")
+    kwargs = {"parser_mode": "omegaconf", "exit_on_error": False}
     return LTHCLI(LTHModule, LTHDataModule, args=args, run=run,
-                  parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+                  parser_kwargs={**kwargs, **(help_kwargs(command) if command else {})},
                   save_config_kwargs={"overwrite": False})
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    silence_known_noise()
     try:
-        if argv and argv[0] == "report":
+        if argv[0] == "report":
             return report_main(argv[1:])
-        if argv and argv[0] in PIPELINE_COMMANDS:
+        if argv[0] in PIPELINE_COMMANDS:
             from lightning_lth.experiment import runner
 
-            return runner.run_command(argv[0], make_cli(argv[1:], run=False))
+            as_json = argv[0] == "plan" and "--json" in argv
+            args = [arg for arg in argv[1:] if not (as_json and arg == "--json")]
+            with quiet_lightning():
+                return runner.run_command(argv[0], make_cli(args, run=False, command=argv[0]),
+                                          as_json)
         make_cli(argv)
         return 0
     except argparse.ArgumentError as exc:  # the parser's type and value errors
@@ -88,8 +161,7 @@ def report_main(argv: list[str]) -> int:
 
     from lightning_lth import report
 
-    parser = ArgumentParser(prog="python -m lightning_lth report", exit_on_error=False,
-                            description="Paper-style tables and plots of the arms' results.")
+    parser = ArgumentParser(exit_on_error=False, **help_kwargs("report"))
     parser.add_argument("--config", type=str | None, default=None,
                         help="a study config: reads <study.store>/results.jsonl")
     parser.add_argument("--results", type=str | None, default=None, help="a results.jsonl")

@@ -2,12 +2,20 @@
 
 Tables 3-5: test accuracy (%) as mean ± std over seeds, rows sparsity x method, columns rewind
 epoch k.  Figs. 3/4: accuracy vs k per sparsity; Fig. 7: accuracy vs sparsity per k; plus the
-matching-quality interpolation curves and loss/error barriers before/after matching.
+matching-quality interpolation curves and loss/error barriers before/after matching. With the
+store at hand, also each arm's accuracy over its epochs (its CSV log) and the study's cost
+(events.log).
+
+The report is a list of blocks (headings, paragraphs, tables, figures) written twice: as
+report.md and as report.html, one self-contained page (figures inlined as base64 PNG, no
+network) to open in a browser. One list for both: the page's numbers are report.md's.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import json
 import math
@@ -19,9 +27,11 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.results import invalid
+from lightning_lth.experiment.store import SETTINGS, stage_times
 from lightning_lth.io import load_json, write_atomic
 
 METHODS = ("lth", "naive", "permuted")
@@ -33,6 +43,8 @@ _RUN_ID = ("config_hash", "model", "dataset", "width", "seed", "method", "sparsi
            "rewind_epoch")
 
 Group = tuple[str, str, int, str]  # (model, dataset, width, config hash)
+Table = tuple[list[str], list[list[str]]]  # header, rows of markdown cells (**bold**)
+KINDS = ("dense", "snapshot", "imp", "match", "arm")  # the store's stage kinds, in plan order
 
 
 # --------------------------------------------------------------------------- loading
@@ -138,8 +150,13 @@ def _per_seed(records: list[dict], field: str) -> list[float]:
     return [statistics.fmean(v) for _, v in sorted(by_seed.items())]
 
 
-def _pct(mean: float, std: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _pct(mean: float, std: float, n: int) -> str:
+    """Percent, with the std only where there is one (n > 1)."""
+    return f"{100 * mean:.2f}" if n == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _seeds(n: int) -> str:
+    return "one seed (n=1)" if n == 1 else f"mean ± std over n={n} seeds"
 
 
 def _sparsity_label(s: float) -> str:
@@ -148,48 +165,66 @@ def _sparsity_label(s: float) -> str:
 
 # --------------------------------------------------------------------------- tables
 
-def accuracy_table(records: list[dict]) -> str:
-    """Markdown table like Tables 3-5; the best mean per (sparsity, k) is bold, a cell whose
+def accuracy_rows(records: list[dict]) -> tuple[Table, str]:
+    """Tables 3-5 and their caption; the best mean per (sparsity, k) is bold, a cell whose
     seed count differs from the group's most common one shows its n."""
     cells = cell_stats(records)
     sparsities = sorted({s for s, _, _ in cells})
     ks = sorted({k for _, _, k in cells})
     n_common = statistics.mode(n for _, _, n in cells.values())
-    lines = ["| S | Method | " + " | ".join(f"k={k}" for k in ks) + " |",
-             "|---|---|" + "---|" * len(ks)]
+    rows = []
     for s in sparsities:
         best = {k: max((round(100 * cells[(s, m, k)][0], 2) for m in METHODS if (s, m, k) in cells),
                        default=None) for k in ks}
         for i, m in enumerate(METHODS):
-            row = []
+            row = [_sparsity_label(s) if i == 0 else "", _LABELS[m]]
             for k in ks:
                 if (s, m, k) not in cells:
                     row.append("–")
                     continue
                 mean, std, n = cells[(s, m, k)]
-                text = _pct(mean, std)
+                text = _pct(mean, std, n)
                 if round(100 * mean, 2) == best[k]:
                     text = f"**{text}**"
                 row.append(text if n == n_common else f"{text} (n={n})")
-            lines.append(f"| {_sparsity_label(s) if i == 0 else ''} | {_LABELS[m]} | "
-                         + " | ".join(row) + " |")
-    return "\n".join(lines) + f"\n\nTest accuracy (%), mean ± std over seeds (n={n_common} unless shown).\n"
+            rows.append(row)
+    caption = (f"Test accuracy (%), {_seeds(n_common)} per cell"
+               + (" unless a cell shows its n." if len({n for *_, n in cells.values()}) > 1
+                  else "."))
+    return (["S", "Method"] + [f"k={k}" for k in ks], rows), caption
+
+
+def markdown_table(table: Table) -> str:
+    header, rows = table
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def accuracy_table(records: list[dict]) -> str:
+    """Markdown table like Tables 3-5, with its caption."""
+    table, caption = accuracy_rows(records)
+    return markdown_table(table) + f"\n{caption}\n"
+
+
+def barrier_rows(groups: dict[Group, list[dict]]) -> Table:
+    """Loss/error barriers of the dense pair's interpolation, before vs after matching, per
+    width; the Seeds column is each row's n."""
+    cols = ("barrier_loss_before", "barrier_loss_after", "barrier_error_before", "barrier_error_after")
+    header = ["Model", "Dataset", "Width", "Config", "Loss barrier before", "Loss barrier after",
+              "Error barrier before (%)", "Error barrier after (%)", "Seeds"]
+    rows = []
+    for (model, dataset, width, config), recs in groups.items():
+        row = [model, dataset, f"×{width}", config]
+        for col in cols:
+            mean, std, n = _stats(_per_seed(recs, col))
+            loss = f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
+            row.append(_pct(mean, std, n) if "error" in col else loss)
+        rows.append(row + [str(n)])
+    return header, rows
 
 
 def barrier_table(groups: dict[Group, list[dict]]) -> str:
-    """Loss/error barriers of the dense pair's interpolation, before vs after matching, per width."""
-    cols = ("barrier_loss_before", "barrier_loss_after", "barrier_error_before", "barrier_error_after")
-    lines = ["| Model | Dataset | Width | Config | Loss barrier before | Loss barrier after "
-             "| Error barrier before (%) | Error barrier after (%) | Seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (model, dataset, width, config), recs in groups.items():
-        row = []
-        for col in cols:
-            mean, std, n = _stats(_per_seed(recs, col))
-            row.append(_pct(mean, std) if "error" in col else f"{mean:.3f} ± {std:.3f}")
-        lines.append(f"| {model} | {dataset} | ×{width} | {config} | " + " | ".join(row)
-                     + f" | {n} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(barrier_rows(groups))
 
 
 def csv_rows(groups: dict[Group, list[dict]]) -> list[list]:
@@ -312,7 +347,160 @@ def plot_interpolation(records: list[dict], title: str) -> tuple[bytes | None, l
     return _png(fig), notes
 
 
-# --------------------------------------------------------------------------- entry points
+# --------------------------------------------------------------------------- the store's logs
+
+def arm_curves(records: list[dict], store: Path) -> tuple[dict[str, tuple[str, list]], list[str]]:
+    """key -> (split, [(epoch on the T-epoch axis, accuracy)]) from each arm's CSV log,
+    ``<store>/arm/<key>/logs/metrics.csv`` (an epoch a resumed stage logged twice keeps its
+    last row). The log's val/acc is test accuracy only when the arm ran with
+    data.val_split = 0 (its result.json says; older stores do not: "val/acc")."""
+    curves, missing = {}, 0
+    for rec in records:
+        folder = store / "arm" / rec["key"]
+        if not (folder / "logs" / "metrics.csv").is_file():
+            missing += 1
+            continue
+        by_epoch = {}
+        with open(folder / "logs" / "metrics.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("val/acc") and row.get("epoch"):
+                    by_epoch[int(row["epoch"])] = float(row["val/acc"])
+        result = folder / "result.json"
+        held_out = load_json(result).get("val_split") if result.is_file() else None
+        split = "val/acc" if held_out is None else "validation" if held_out else "test"
+        curves[rec["key"]] = (split, sorted((rec["rewind_epoch"] + epoch + 1, acc)
+                                            for epoch, acc in by_epoch.items()))
+    notes = [f"no training log for {missing} arm(s) in {store}/arm/<key>/logs/"] if missing else []
+    return curves, notes
+
+
+def plot_arm_curves(records: list[dict], curves: dict, title: str) -> bytes | None:
+    """Each method's accuracy after each epoch, mean over seeds, one panel per (sparsity, k);
+    epochs on the T-epoch axis (an arm rewound to k starts at k)."""
+    cells = sorted({(round(r["sparsity"], 6), r["rewind_epoch"]) for r in records
+                    if r["key"] in curves})
+    if not cells:
+        return None
+    splits = sorted({curves[r["key"]][0] for r in records if r["key"] in curves})
+    label = "val/acc (%)" if splits == ["val/acc"] else f"{' / '.join(splits)} accuracy (%)"
+    fig, axes = _grid(len(cells))
+    fig.set_layout_engine("constrained")  # room for the title above the panels' titles
+    for ax, (s, k) in zip(axes, cells, strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for m in METHODS:
+            runs = [dict(curves[r["key"]][1]) for r in records if r["key"] in curves
+                    and (round(r["sparsity"], 6), r["rewind_epoch"], r["method"]) == (s, k, m)]
+            epochs = sorted(set().union(*runs)) if runs else []
+            if epochs:
+                ax.plot(epochs, [100 * statistics.fmean(run[e] for run in runs if e in run)
+                                 for e in epochs], marker=".", color=_COLORS[m],
+                        label=f"{_LABELS[m]} (n={len(runs)})")
+        ax.set(title=f"sparsity {_sparsity_label(s)}, k = {k}", xlabel="epoch (of T)",
+               ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: accuracy over each arm's epochs")
+    return _png(fig)
+
+
+def cost_rows(store: Path) -> Table | None:
+    """Stages, epochs and wall time per stage kind: each finished stage's last run in
+    events.log, its epochs from its settings.json. None without an events.log."""
+    times = stage_times(store)
+    if not times:
+        return None
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+    for (kind, key), seconds in times.items():
+        settings = store / kind / key / SETTINGS
+        total = totals[kind]
+        total[0] += 1
+        total[1] += load_json(settings).get("epochs", 0) if settings.is_file() else 0
+        total[2] += seconds
+    kinds = sorted(totals, key=lambda k: (KINDS.index(k) if k in KINDS else len(KINDS), k))
+    totals["all"] = [sum(totals[k][i] for k in kinds) for i in range(3)]
+    rows = [[kind, str(stages), str(epochs), f"{seconds:.1f}",
+             f"{seconds / epochs:.3f}" if epochs else "–"]
+            for kind, (stages, epochs, seconds) in ((k, totals[k]) for k in [*kinds, "all"])]
+    return ["Stage kind", "Stages", "Epochs", "Wall time (s)", "s / epoch"], rows
+
+
+def plot_cost(table: Table) -> bytes:
+    """Wall time and epochs per stage kind."""
+    rows = [row for row in table[1] if row[0] != "all"]
+    fig = Figure(figsize=(9, 3))
+    ax_time, ax_epochs = fig.subplots(1, 2)
+    names = [row[0] for row in rows]
+    ax_time.barh(names, [float(row[3]) for row in rows], color="tab:blue")
+    ax_epochs.barh(names, [int(row[2]) for row in rows], color="tab:gray")
+    ax_time.set(xlabel="wall time (s)")
+    ax_epochs.set(xlabel="epochs")
+    for ax in (ax_time, ax_epochs):
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle("study cost per stage kind")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- writing
+
+Block = tuple  # ("h1" | "h2" | "p", text), ("table", Table), ("figure", file, alt), ("list", items)
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    parts = []
+    for kind, *body in blocks:
+        if kind in ("h1", "h2"):
+            parts.append(f"{'#' * int(kind[1])} {body[0]}")
+        elif kind == "p":
+            parts.append(body[0])
+        elif kind == "table":
+            parts.append(markdown_table(body[0]).rstrip())
+        elif kind == "figure":
+            parts.append(f"![{body[1]}]({body[0]})")
+        elif kind == "list":
+            parts.append("\n".join(f"- {item}" for item in body[0]))
+    return "\n\n".join(parts) + "\n"
+
+
+def _html_cell(text: str, tag: str) -> str:
+    text = html.escape(text)
+    if text.startswith("**") and "**" in text[2:]:
+        bold, rest = text[2:].split("**", 1)
+        text = f"<b>{bold}</b>{rest}"
+    return f"<{tag}>{text}</{tag}>"
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;
+color:#222}table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;
+padding:.3em .6em;text-align:right}th{background:#f2f2f2}td:nth-child(-n+2){text-align:left}
+figure{display:inline-block;vertical-align:top;margin:1em 1em 1em 0;max-width:100%}
+img{max-width:100%;border:1px solid #eee}figcaption{color:#666}"""
+
+
+def render_html(blocks: list[Block], images: dict[str, bytes]) -> str:
+    """One self-contained page: figures inlined as base64 PNG, no link to anything."""
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
+        elif kind == "table":
+            header, rows = rest[0]
+            lines = ["<tr>" + "".join(_html_cell(c, "th") for c in header) + "</tr>"]
+            lines += ["<tr>" + "".join(_html_cell(c, "td") for c in row) + "</tr>"
+                      for row in rows]
+            body.append("<table>\n" + "\n".join(lines) + "\n</table>")
+        elif kind == "figure":
+            data = base64.b64encode(images[rest[0]]).decode()
+            body.append(f'<figure><img alt="{html.escape(rest[1])}" '
+                        f'src="data:image/png;base64,{data}"><figcaption>'
+                        f"{html.escape(rest[1])}</figcaption></figure>")
+        elif kind == "list":
+            body.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in rest[0])
+                        + "</ul>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>LTH mask transfer: dashboard</title><style>{_STYLE}</style></head>"
+            "<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
 
 def _write(path: Path, data: bytes) -> Path:
     write_atomic(path, lambda handle: handle.write(data))
@@ -320,46 +508,65 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[str] = (),
-                 ks: list[int] | None = None) -> list[Path]:
-    """Write report.md, report.csv and three PNGs per (model, dataset, width); return their paths.
-    `problems` (from loading) are listed in the markdown; `ks` limits the vs-sparsity panels."""
+                 ks: list[int] | None = None, store: str | Path | None = None) -> list[Path]:
+    """Write report.md, report.html, report.csv and the PNGs; return their paths. `problems`
+    (from loading) are listed as notes; `ks` limits the vs-sparsity panels; `store` (the
+    stage store the records came from) adds the arms' curves and the study's cost."""
     if not records:
         raise LTHError("no valid records to report")
     out = Path(out_dir)
     groups = _groups(records)
-    written: list[Path] = []
-    md = ["# LTH mask transfer: results", "",
-          f"{len(records)} runs in {len(groups)} (model, dataset, width, configuration) "
-          f"group(s).", ""]
+    images: dict[str, bytes] = {}
+    blocks: list[Block] = [
+        ("h1", "LTH mask transfer: results"),
+        ("p", f"{len(records)} runs in {len(groups)} (model, dataset, width, configuration) "
+              f"group(s).")]
     notes = list(problems)
+
+    def figure(name: str, alt: str, png: bytes) -> None:
+        images[name] = png
+        blocks.append(("figure", name, alt))
+
     configs = defaultdict(set)  # a store may hold several configurations of one model
     for model, dataset, width, config in groups:
         configs[(model, dataset, width)].add(config)
+    curves, curve_notes = arm_curves(records, Path(store)) if store is not None else ({}, [])
+    notes += curve_notes
     for (model, dataset, width, config), recs in groups.items():
         stem = f"{model}_{dataset}_w{width}"
         title = f"{model}×{width} / {dataset}"
         if len(configs[(model, dataset, width)]) > 1:
             stem, title = f"{stem}_{config}", f"{title} (configuration {config})"
         dense = _stats(_per_seed(recs, "dense_acc_a"))
-        md += [f"## {title}", "", f"Dense accuracy: {_pct(*dense[:2])} (n={dense[2]})", "",
-               accuracy_table(recs)]
-        written.append(_write(out / f"{stem}_vs_k.png", plot_vs_k(recs, title)))
-        written.append(_write(out / f"{stem}_vs_sparsity.png", plot_vs_sparsity(recs, title, ks)))
-        md += [f"![accuracy vs k]({stem}_vs_k.png)", "",
-               f"![accuracy vs sparsity]({stem}_vs_sparsity.png)", ""]
+        table, caption = accuracy_rows(recs)
+        blocks += [("h2", title), ("p", f"Dense accuracy: {_pct(*dense)} (n={dense[2]})"),
+                   ("table", table), ("p", caption)]
+        figure(f"{stem}_vs_k.png", "accuracy vs k", plot_vs_k(recs, title))
+        figure(f"{stem}_vs_sparsity.png", "accuracy vs sparsity",
+               plot_vs_sparsity(recs, title, ks))
+        png = plot_arm_curves(recs, curves, title)
+        if png is not None:
+            figure(f"{stem}_arm_curves.png", "accuracy over each arm's epochs", png)
         png, interp_notes = plot_interpolation(recs, title)
         notes += [f"{stem}: {n}" for n in interp_notes]
         if png is not None:
-            written.append(_write(out / f"{stem}_interpolation.png", png))
-            md += [f"![interpolation]({stem}_interpolation.png)", ""]
-    md += ["## Matching quality (barriers, mean ± std over seeds)", "", barrier_table(groups)]
+            figure(f"{stem}_interpolation.png", "interpolation before and after matching", png)
+    blocks += [("h2", "Matching quality (barriers over seeds; Seeds: n per row)"),
+               ("table", barrier_rows(groups))]
+    cost = cost_rows(Path(store)) if store is not None else None
+    if cost is not None:
+        blocks += [("h2", "Study cost"),
+                   ("p", f"Every finished stage in {store} (events.log: each stage's last "
+                         f"run, from compute or resume to done)."), ("table", cost)]
+        figure("study_cost.png", "study cost per stage kind", plot_cost(cost))
     if notes:
-        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+        blocks += [("h2", "Notes"), ("list", notes)]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(csv_rows(groups))
-    written.insert(0, _write(out / "report.csv", buf.getvalue().encode()))
-    written.insert(0, _write(out / "report.md", "\n".join(md).encode()))
-    return written
+    written = [_write(out / "report.md", render_markdown(blocks).encode()),
+               _write(out / "report.html", render_html(blocks, images).encode()),
+               _write(out / "report.csv", buf.getvalue().encode())]
+    return written + [_write(out / name, png) for name, png in images.items()]
 
 
 def main(results: str | None = None, out_dir: str = "report",
@@ -378,7 +585,8 @@ def main(results: str | None = None, out_dir: str = "report",
         print(f"warning: {source}: {p}", file=sys.stderr)
     if not records:
         raise LTHError(f"no valid records in {source} ({len(problems)} problem line(s))")
-    paths = write_report(records, out_dir, problems)
+    store = Path(results).parent if results is not None else None  # results.jsonl's store
+    paths = write_report(records, out_dir, problems, store=store)
     for p in paths:
         print(p)
     return paths

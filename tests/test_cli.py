@@ -164,6 +164,27 @@ def test_print_config_shows_the_resolved_config(tmp_path):
     assert not (tmp_path / "logs").exists()  # printing the config trains nothing
 
 
+def test_help_lists_every_command_one_line_each(capsys):
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for command in ("fit", "validate", "test", "experiment", "prune", "match", "plan", "report"):
+        (line,) = [line for line in lines if line.split()[:1] == [command]]
+        assert len(line.split()) > 3, line
+    assert main([]) == 2 and "experiment" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["experiment", "prune", "match", "plan", "report"])
+def test_study_command_help_starts_with_what_it_does_and_an_example(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"python -m lightning_lth {command}: ")
+    example = lines.index("example:")
+    assert example < 10 and lines[example + 1].startswith(f"  python -m lightning_lth {command} ")
+    assert lines[example + 3] == "options:"
+
+
 def test_shipped_demo_config_parses(capsys):
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(REPO / "configs" / "demo_fmnist.yaml"), "--print_config"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,7 @@ def test_experiment_end_to_end_then_rerun_trains_nothing(tmp_path):
     assert events(store) == computed  # nothing computed again
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*.pt")} == stamps
     assert records(store) == rows  # no duplicate records
+    assert " start " not in again.stdout and "0 stages computed, 23 already done" in again.stdout
 
     # The report over the results of this real experiment.
     report = run_cli("report", "--config", config, cwd=tmp_path, env=NO_WANDB)
@@ -136,11 +138,34 @@ def test_bad_cells_fail_before_any_work(tmp_path, capsys, override, message):
 
 def test_plan_lists_cells_without_training(tmp_path):
     config = tiny_config(tmp_path)
-    result = run_cli("plan", "--config", config, cwd=tmp_path, env=NO_WANDB)
+    result = run_cli("plan", "--config", config, "--json", cwd=tmp_path, env=NO_WANDB)
     assert result.returncode == 0, result.stderr[-2000:]
     plan = json.loads(result.stdout[result.stdout.index("{"):])
     assert len(plan["cells"]) == 12 and {s["status"] for s in plan["stages"]} == {"missing"}
     assert not (tmp_path / "store" / "dense").exists()
+
+
+def test_plan_table_shows_status_epochs_and_time_measured_or_estimated(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    assert main(["plan", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["stage", "what", "status", "epochs", "time"]
+    assert len(lines) == 2 + 23 + 2 and all(line.split()[-1] == "?" for line in lines[2:25])
+    assert lines[-1] == ("total: 23 stages (0 done, 0 partial, 23 missing); 44 epochs, 44 to "
+                         "train; time measured 0.0 s, estimated left ? (no epoch measured in "
+                         "this store)")
+
+    assert main(["prune", "--config", str(config)]) == 0  # dense A and the IMP rounds
+    capsys.readouterr()
+    assert main(["plan", "--config", str(config)]) == 0
+    cells = [re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines()[2:25]]
+    rows = {name: rest for name, *rest in cells}  # what, status, epochs, time
+    assert rows["dense A"][1:3] == ["done", "3"] and re.fullmatch(r"\d+\.\d s", rows["dense A"][3])
+    assert rows["dense B"][1:] == ["missing", "3", rows["dense B"][3]]
+    assert rows["dense B"][3].startswith("~")  # estimated from dense A's measured epochs
+    assert rows["match"][3] == "?"  # no stage of its kind measured, no epochs to go by
+    assert rows["arm permuted S=0.8 k=1"][3].startswith("~")
+    assert rows["imp round 3 S=0.4880"][0] == "prune to 12898/26432 zeros, then train with the mask"
 
 
 def test_two_concurrent_runs_compute_each_stage_once(tmp_path):

@@ -1,13 +1,23 @@
 """report.py: the paper-style tables hold the right numbers, bad lines are reported not fatal,
-and the figures are real PNGs."""
+the figures are real PNGs, and report.html (the dashboard) is report.md's tables and figures
+on one self-contained page."""
 
+import base64
 import csv
+import io
 import json
+import re
+import shutil
 import statistics
+import subprocess
 import types
+from html.parser import HTMLParser
 
 import matplotlib.image
+import numpy as np
 import pytest
+from conftest import run_cli
+from test_experiment import NO_WANDB, tiny_config
 
 from lightning_lth import report
 from lightning_lth.errors import LTHError
@@ -122,7 +132,7 @@ def test_barrier_table_averages_per_seed_not_per_record(built):
 def test_pngs_exist_and_are_valid_images(built):
     out, paths = built
     names = {p.name for p in paths}
-    expected = {"report.md", "report.csv",
+    expected = {"report.md", "report.html", "report.csv",
                 "resnet20_cifar10_w1_vs_k.png", "resnet20_cifar10_w1_vs_sparsity.png",
                 "resnet20_cifar10_w1_interpolation.png",
                 "resnet20_cifar10_w2_vs_k.png", "resnet20_cifar10_w2_vs_sparsity.png"}
@@ -146,6 +156,20 @@ def test_uneven_seed_counts_show_n(tmp_path):
     assert "(n=" not in rows[("80%", "naive")][0]
     mean, std = expected_cell("naive", 0.8, 5, seeds=(0, 1))
     assert rows[("80%", "naive")][1] == f"{100 * mean:.2f} ± {100 * std:.2f} (n=2)"
+
+
+def test_one_seed_shows_its_n_and_no_plus_minus(built):
+    out, _ = built
+    md = (out / "report.md").read_text()
+    w2 = md.split("## resnet20×2 / cifar10")[1].split("## ")[0]  # width 2: seed 0 only
+    assert "±" not in w2 and "Dense accuracy: 92.00 (n=1)" in w2
+    assert "Test accuracy (%), one seed (n=1) per cell." in w2
+    mean = acc("lth", 0.8, 0, 0)
+    assert table_rows(w2)[("80%", "LTH")][0] == f"**{100 * mean:.2f}**"
+    w1 = md.split("## resnet20×1 / cifar10")[1].split("## ")[0]
+    assert "Test accuracy (%), mean ± std over n=3 seeds per cell." in w1
+    row = next(line for line in md.splitlines() if line.startswith("| resnet20 | cifar10 | ×2 |"))
+    assert row.endswith("| 1.000 | 0.200 | 50.00 | 5.00 | 1 |")
 
 
 def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
@@ -244,3 +268,149 @@ def test_two_configurations_in_one_store_get_one_table_each(tmp_path, capsys):
     assert cell[("c0ffee", "lth", "0.8", "0")] == pytest.approx(mean)
     assert cell[("beef00", "lth", "0.8", "0")] == pytest.approx(mean - 0.1)
     assert len(list((tmp_path / "out").glob("*_vs_k.png"))) == 2
+
+
+# --------------------------------------------------------------------------- the dashboard
+
+class _Page(HTMLParser):
+    """The tables (rows of cell texts, bold markers kept as **) and images of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+        elif tag == "b" and self.cell is not None:
+            self.cell += "**"
+        elif tag == "img":
+            self.images.append(dict(attrs))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell)
+            self.cell = None
+        elif tag == "b" and self.cell is not None:
+            self.cell += "**"
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def markdown_tables(md: str) -> list[list[list[str]]]:
+    tables, previous = [], False
+    for line in md.splitlines():
+        is_row = line.startswith("|")
+        if is_row and not previous:
+            tables.append([])
+        if is_row and not line.startswith("|---"):
+            tables[-1].append([cell.strip() for cell in line.strip()[1:-1].split("|")])
+        previous = is_row
+    return tables
+
+
+FIGURES = {"accuracy vs k", "accuracy vs sparsity", "accuracy over each arm's epochs",
+           "interpolation before and after matching", "study cost per stage kind"}
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """A tiny study's store and its report: report.md and the parsed report.html."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    config = tiny_config(tmp)
+    for command in ("experiment", "report"):
+        result = run_cli(command, "--config", config, cwd=tmp, env=NO_WANDB)
+        assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp / "store" / "report"
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    return out, (out / "report.md").read_text(), page
+
+
+def test_dashboard_holds_every_table_and_figure(dashboard):
+    out, md, page = dashboard
+    assert len(page.tables) == 3  # accuracy (one group), barriers, study cost
+    for table in page.tables:
+        assert len(table) > 1 and all(cell for row in table[1:] for cell in row[1:])
+    accuracy, barriers, cost = page.tables
+    assert [row[1] for row in accuracy[1:]] == ["LTH", "naive", "permuted"] * 2
+    assert barriers[0][-1] == "Seeds" and barriers[1][-1] == "1"
+    assert [row[0] for row in cost[1:]] == ["dense", "imp", "match", "arm", "all"]
+    assert [row[2] for row in cost[1:]] == ["6", str(1 * 8), "0", "30", "44"]  # epochs
+    assert {image["alt"] for image in page.images} == FIGURES
+    assert all(len(image["src"]) > 1000 for image in page.images)
+    assert "one seed (n=1) per cell" in md and "one seed (n=1) per cell" in (
+        out / "report.html").read_text()
+
+
+def test_dashboard_numbers_equal_report_md(dashboard):
+    _, md, page = dashboard
+    assert page.tables == markdown_tables(md)
+
+
+def test_dashboard_figures_are_embedded_pngs_that_decode(dashboard):
+    _, _, page = dashboard
+    for image in page.images:
+        head, data = image["src"].split(",", 1)
+        assert head == "data:image/png;base64"
+        png = base64.b64decode(data, validate=True)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        pixels = matplotlib.image.imread(io.BytesIO(png))
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0.01
+
+
+def test_dashboard_holds_no_url(dashboard):
+    out, _, _ = dashboard
+    page = (out / "report.html").read_text()
+    assert not re.search(r"https?://", page, re.IGNORECASE)
+    assert not re.search(r"<(script|link|iframe)", page)
+    assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * len(FIGURES)
+
+
+def test_arm_curves_are_labelled_with_their_split(tmp_path):
+    """The x axis is the T-epoch schedule (an arm from k starts at k); an epoch logged twice
+    (a resumed stage) keeps its last row; val/acc is test accuracy only with val_split 0."""
+    recs = []
+    for key, k, val_split in (("a", 5, 0), ("b", 0, 0.1), ("c", 0, None)):
+        logs = tmp_path / "arm" / key / "logs"
+        logs.mkdir(parents=True)
+        (logs / "metrics.csv").write_text(
+            "epoch,step,val/acc,train/acc\n0,3,0.5,\n0,3,,0.4\n0,3,0.6,\n1,7,0.7,\n")
+        if val_split is not None:
+            (logs.parent / "result.json").write_text(json.dumps({"val_split": val_split}))
+        recs.append(record(tmp_path, k=k, key=key))
+    curves, notes = report.arm_curves(recs + [record(tmp_path, key="gone")], tmp_path)
+    assert curves == {"a": ("test", [(6, 0.6), (7, 0.7)]),
+                      "b": ("validation", [(1, 0.6), (2, 0.7)]),
+                      "c": ("val/acc", [(1, 0.6), (2, 0.7)])}
+    assert notes == [f"no training log for 1 arm(s) in {tmp_path}/arm/<key>/logs/"]
+
+
+# Pixel variance of a grey-level 1280 x 2400 screenshot (values in [0, 1]): a blank page
+# has 0, a short page of text alone 0.0006, the tiny study's dashboard 0.018 (measured).
+SCREENSHOT_VARIANCE = 0.005
+
+
+@pytest.mark.slow
+def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium not found: `apt-get install -y chromium` (Debian) "
+                    "renders the dashboard for this test")
+    out, _, _ = dashboard
+    shot = tmp_path / "dashboard.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,2400", f"--screenshot={shot}",
+                    (out / "report.html").as_uri()], capture_output=True, timeout=180)
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (2400, 1280)
+    grey = pixels[..., :3].mean(axis=2)
+    assert grey.var() > SCREENSHOT_VARIANCE, grey.var()
+    colour = np.ptp(pixels[..., :3], axis=2) > 0.3  # the methods' coloured lines
+    assert colour.mean() > 0.001

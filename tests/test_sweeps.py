@@ -58,7 +58,7 @@ def test_sampled_cells_resolve_through_the_cli(name, tmp_path, capsys, monkeypat
         argv = agent_argv(sweep, dict(zip(keys, values, strict=True)))
         assert argv[:4] == ["python", "-m", "lightning_lth", "experiment"]
         # plan: the same parser and cell resolution as `experiment`, without training.
-        code = main(["plan", *argv[4:], f"--study.store={tmp_path}",
+        code = main(["plan", "--json", *argv[4:], f"--study.store={tmp_path}",
                      "--trainer.accelerator=cpu", "--trainer.logger=false"])
         out = capsys.readouterr()
         assert code == 0, out.err[-2000:]

@@ -65,6 +65,22 @@ def resolve(config: dict) -> dict:
     return {**config, "model": model}
 
 
+def in_order(stages: list[Stage]) -> list[Stage]:
+    """``stages`` and everything they read, each once, after the stages it reads."""
+    ordered: dict[str, Stage] = {}
+
+    def visit(stage: Stage) -> None:
+        if stage.key in ordered:
+            return
+        for needed in stage.reads():
+            visit(needed)
+        ordered[stage.key] = stage
+
+    for stage in stages:
+        visit(stage)
+    return list(ordered.values())
+
+
 @dataclass
 class Plan:
     dense_a: DenseStage
@@ -77,18 +93,7 @@ class Plan:
     @property
     def stages(self) -> list[Stage]:
         """Every stage once, each after the stages it reads."""
-        ordered: dict[str, Stage] = {}
-
-        def visit(stage: Stage) -> None:
-            if stage.key in ordered:
-                return
-            for needed in stage.reads():
-                visit(needed)
-            ordered[stage.key] = stage
-
-        for stage in [self.dense_a, self.dense_b, *self.rounds, self.match, *self.arms]:
-            visit(stage)
-        return list(ordered.values())
+        return in_order([self.dense_a, self.dense_b, *self.rounds, self.match, *self.arms])
 
     @property
     def epochs(self) -> int:

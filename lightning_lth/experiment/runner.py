@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 
@@ -23,10 +22,11 @@ from lightning_lth.callbacks import KillSwitch, ResumePoints
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
-from lightning_lth.experiment.plan import Plan, build_plan, resolve, study_settings
+from lightning_lth.experiment.plan import Plan, build_plan, in_order, resolve, study_settings
+from lightning_lth.experiment.progress import EpochClock, StudyProgress, plan_table, watch
 from lightning_lth.experiment.results import RESULTS_FILE, Record, append_record
 from lightning_lth.experiment.stages import ArmStage, DenseStage, Stage, WeightsRef
-from lightning_lth.experiment.store import CHECKPOINTS, Store
+from lightning_lth.experiment.store import CHECKPOINTS, Store, stage_times
 from lightning_lth.experiment.tracking import Tracking
 from lightning_lth.io import load_json, write_atomic
 from lightning_lth.module import LTHModule, load_snapshot, load_weights
@@ -53,7 +53,8 @@ class Runner:
         trainer_args = dict(vars(cli.config_init.trainer))
         self.trainer_args = {k: v for k, v in trainer_args.items() if k not in RUNNER_SETS}
         self.plugins = list(trainer_args.get("plugins") or [])
-        self.progress = trainer_args.get("enable_progress_bar") is not False
+        self.show_steps = trainer_args.get("enable_progress_bar") is not False
+        self.view = StudyProgress("", [])  # `watch` sets the command's view
         self.summary = bool(trainer_args.get("enable_model_summary"))
         self.epochs = int(self.config["trainer"]["max_epochs"] or 0)
         self.store = Store(self.study.store, self.dist)
@@ -101,11 +102,10 @@ class Runner:
                                               resume.every_minutes)]
         kill = KillSwitch.for_stage(stage.name)
         callbacks += [kill] if kill is not None else []
-        if self.progress:
-            callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(EpochClock(self.view, stage))  # the study's view shows the steps
         return L.Trainer(**self.trainer_args, max_epochs=max_epochs, logger=loggers,
                          callbacks=callbacks, default_root_dir=work, enable_checkpointing=False,
-                         enable_progress_bar=self.progress, enable_model_summary=self.summary,
+                         enable_progress_bar=False, enable_model_summary=self.summary,
                          plugins=[*self.plugins, AtomicCheckpointIO()])
 
     def fit(self, trainer: L.Trainer, module: LTHModule, stage: Stage, resume: str | None):
@@ -127,10 +127,21 @@ class Runner:
         """The stage's finished folder; the stages it reads are run first."""
         for needed in stage.reads():
             self.run(needed)
+        computed = False
+
+        def compute(work: Path, resume: str | None) -> None:
+            nonlocal computed
+            computed = True
+            self.view.started(stage, resume)
+            stage.compute(self, work, resume)
+
         try:
-            return self.store.run(stage, lambda work, resume: stage.compute(self, work, resume))
+            folder = self.store.run(stage, compute)
         finally:
             self.tracking.finish()
+        if computed:
+            self.view.finished(stage)
+        return folder
 
     def weights(self, ref: WeightsRef) -> Path:
         return self.run(ref.stage) / ref.path if ref.stage else Path(ref.path)
@@ -190,21 +201,27 @@ class Runner:
         return {"stages": stages, "cells": cells, "epochs": plan.epochs}
 
 
-def run_command(command: str, cli) -> int:
+def run_command(command: str, cli, as_json: bool = False) -> int:
     runner = Runner(cli)
     if command == "plan":
         if runner.dist.is_writer:
-            print(json.dumps(runner.describe(), indent=2))
+            print(json.dumps(runner.describe(), indent=2) if as_json else plan_table(
+                runner.plan().stages, runner.store.status, stage_times(runner.store.root)))
         return 0
     if command == "experiment":
-        runner.experiment()
+        with watch(runner, command, runner.plan().stages):
+            runner.experiment()
         return 0
     plan = runner.plan(with_arms=False)
     if command == "prune":
-        for target, stage in plan.targets.items():
-            runner.dist.say(f"prune: sparsity {target}: {runner.run(stage)}")
+        with watch(runner, command, in_order(list(plan.targets.values()))):
+            folders = {target: runner.run(stage) for target, stage in plan.targets.items()}
+        for target, folder in folders.items():
+            runner.dist.say(f"prune: sparsity {target}: {folder}")
         return 0
     if command == "match":
-        runner.dist.say(f"match: outputs in {runner.run(plan.match)}")
+        with watch(runner, command, in_order([plan.match])):
+            folder = runner.run(plan.match)
+        runner.dist.say(f"match: outputs in {folder}")
         return 0
     raise LTHError(f"unknown command {command!r}")

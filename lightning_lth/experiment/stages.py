@@ -326,7 +326,9 @@ class ArmStage(Stage):
                           "meta": {"arm": self.arm.name}}, work / "final.pt")
             save_json({**metrics, "wall_time_s": time.time() - started,
                        "num_threads": torch.get_num_threads(), "device": str(ctx.device()),
-                       "order_seed": ctx.order_seed(*self.order())},
+                       "order_seed": ctx.order_seed(*self.order()),
+                       # val/acc in logs/ is test accuracy only when this is 0
+                       "val_split": ctx.datamodule.val_split},
                       work / "result.json")
             record = ctx.record(self, load_json(work / "result.json"))
             ctx.tracking.summary(trainer, record.to_dict())

@@ -176,3 +176,22 @@ class Store:
         save_json({"files": files, "finished_at": time.time()}, work / MANIFEST)
         os.replace(work, self.path(stage))
         self.log_event("done", stage)
+
+
+def stage_times(root: str | Path) -> dict[tuple[str, str], float]:
+    """(kind, key) -> seconds of each finished stage's last run, from events.log: from its
+    last compute or resume event to its done event (a killed try's time is not known)."""
+    log = Path(root) / "events.log"
+    began: dict[tuple[str, str], float] = {}
+    times: dict[tuple[str, str], float] = {}
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            event = json.loads(line)
+            stage, moment = (event["stage"], event["key"]), float(event["time"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+        if event.get("event") in ("compute", "resume"):
+            began[stage] = moment
+        elif event.get("event") == "done" and stage in began:
+            times[stage] = moment - began.pop(stage)
+    return times

@@ -13,6 +13,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning_lth.errors import LTHError
 
 MODES = ("auto", "online", "offline", "disabled")
+# No banner per stage and no copy of the terminal in each run: the study's view lists the
+# runs once at the end.
+QUIET = {"silent": True, "console": "off"}
 
 
 def wandb_mode(setting: str) -> str:
@@ -38,6 +41,7 @@ class Tracking:
         self.project, self.mode = project, wandb_mode(mode)
         self.save_dir = save_dir
         self.model, self.width, self.dataset = model, width, dataset
+        self.runs: list[str] = []  # each finished run's URL (online) or folder (offline)
 
     def logger(self, stage, job_type: str, config: dict) -> WandbLogger | None:
         """The stage's W&B logger, or None. Under `wandb agent` only the arm logs into the
@@ -51,6 +55,9 @@ class Tracking:
             group += f"-s{config['sparsity']}-k{config['rewind_epoch']}"
             tags += [f"s{config['sparsity']}", f"k{config['rewind_epoch']}"]
         self.save_dir.mkdir(parents=True, exist_ok=True)
+        import wandb
+
+        wandb.setup(wandb.Settings(**QUIET))  # process-wide: W&B's own notes are quiet too
         return WandbLogger(project=self.project, name=stage.key,
                            id=None if in_sweep else stage.key, group=group, job_type=job_type,
                            tags=tags, mode=self.mode, save_dir=str(self.save_dir),
@@ -71,10 +78,11 @@ class Tracking:
              for barrier in ("loss_barrier", "error_barrier")})
         logger.log_image("match/interpolation", [str(png)])
 
-    @staticmethod
-    def finish() -> None:
+    def finish(self) -> None:
         wandb = sys.modules.get("wandb")  # only a run that was started needs finishing
         if wandb is not None and wandb.run is not None:
+            run = wandb.run
+            self.runs.append(run.url if self.mode == "online" else str(Path(run.dir).parent))
             wandb.finish()
 
     @staticmethod
