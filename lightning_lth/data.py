@@ -56,6 +56,10 @@ DATASETS: dict[str, DatasetInfo] = {
         "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
         "t10k-labels-idx1-ubyte (or the same with .gz)",
         ("/usr/share/datasets/fashion-mnist",)),
+    # ImageFolder layout: <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG
+    "imagenet": DatasetInfo(
+        datasets.ImageFolder, 1000, 3, 224, IMAGENET_STATS, IMAGENET_STATS, True, ".",
+        "train/<class>/<image> and val/<class>/<image> (torchvision's ImageFolder layout)"),
     "mnist": DatasetInfo(
         datasets.MNIST, 10, 1, 28, ((0.1307,), (0.3081,)), ((0.1307,), (0.3081,)), False,
         "MNIST/raw",
@@ -114,6 +118,13 @@ def load_split(name: str, data_dir: str | Path, train: bool, download: bool,
     """One split through torchvision's dataset class; one clear error when files are missing."""
     info = dataset_info(name)
     root = check_data_dir(data_dir)
+    if info.torchvision_class is datasets.ImageFolder:  # nothing to download
+        folder = root / ("train" if train else "val")
+        try:
+            return datasets.ImageFolder(str(folder), transform=transform)
+        except (FileNotFoundError, OSError) as error:
+            raise LTHError(f"dataset {name!r} not readable under {folder.resolve()} ({error}); "
+                           f"put {info.files} in {root.resolve()}") from None
     if info.torchvision_class in (datasets.MNIST, datasets.FashionMNIST):
         _stage_idx_files(info, root)
     try:
@@ -394,7 +405,8 @@ class _EpochDataLoader(_Resumable, DataLoader):
 
 
 class LTHDataModule(L.LightningDataModule):
-    """CIFAR-10/100, Fashion-MNIST and MNIST with the paper's augmentation.
+    """CIFAR-10/100, Fashion-MNIST and MNIST with the paper's augmentation; ImageNet (an
+    ImageFolder, ``loader: torchvision`` only) with RandomResizedCrop + flip, Resize + CenterCrop.
 
     Validation uses the test split by default (the paper reports test accuracy);
     ``val_split`` > 0 holds out that many training images (or that fraction) instead.
@@ -423,6 +435,9 @@ class LTHDataModule(L.LightningDataModule):
                            f"{', '.join(DDP_BATCHES)}")
         if val_split < 0:
             raise LTHError(f"data.val_split must be >= 0 (a count or a fraction), got {val_split}")
+        if loader == "device" and self.info.torchvision_class is datasets.ImageFolder:
+            raise LTHError(f"data.loader=device is not allowed for {dataset!r}: it holds a "
+                           f"whole split in device memory; use data.loader=torchvision")
         check_data_dir(data_dir)  # here, before a Trainer makes any log folder
         self.dataset, self.data_dir, self.download = dataset, data_dir, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -458,7 +473,12 @@ class LTHDataModule(L.LightningDataModule):
 
     def _transform(self, train: bool):
         steps = []
-        if train and self.augment:
+        if self.info.torchvision_class is datasets.ImageFolder:  # the standard ImageNet recipe
+            size = self.info.image_size
+            steps += ([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+                      if train and self.augment else
+                      [transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)])
+        elif train and self.augment:
             steps += [transforms.RandomCrop(self.info.image_size, padding=4),
                       transforms.RandomHorizontalFlip()]
         steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
@@ -522,19 +542,28 @@ class LTHDataModule(L.LightningDataModule):
         return self.build_loader(split, trainer.global_rank, trainer.world_size,
                                  trainer.strategy.root_device, lambda: trainer.current_epoch)
 
-    def unaugmented_train_batches(self, device: torch.device | str = "cpu") -> DeviceLoader:
-        """Training images in a fixed order without augmentation: for matching and BN resets."""
-        self.setup()
-        images, labels = images_as_tensor(self.splits["train"])
+    def _plain_batches(self, dataset: Dataset, device):
+        """``dataset`` in order, unaugmented: one tensor on ``device``, or for image folders
+        a DataLoader reading the files (too big for device memory; callers move each batch)."""
+        if self.info.torchvision_class is datasets.ImageFolder:
+            return DataLoader(dataset, self.eval_batch_size, num_workers=self.num_workers)
+        images, labels = images_as_tensor(dataset)
         return DeviceLoader(images, labels, self.eval_batch_size, self.mean, self.std,
                             train=False, augment=False, seed=0, device=torch.device(device))
 
-    def test_batches(self, device: torch.device | str = "cpu") -> DeviceLoader:
+    def unaugmented_train_batches(self, device: torch.device | str = "cpu"):
+        """Training images in a fixed order without augmentation: for matching and BN resets."""
+        self.setup()
+        train = self.splits["train"]
+        if self.info.torchvision_class is datasets.ImageFolder:  # the eval transform instead
+            plain = load_split(self.dataset, self.data_dir, True, False, self._transform(False))
+            train = Subset(plain, train.indices) if isinstance(train, Subset) else plain
+        return self._plain_batches(train, device)
+
+    def test_batches(self, device: torch.device | str = "cpu"):
         """The test split as plain batches, for evaluations outside a Trainer."""
         self.setup()
-        images, labels = images_as_tensor(self.splits["test"])
-        return DeviceLoader(images, labels, self.eval_batch_size, self.mean, self.std,
-                            train=False, augment=False, seed=0, device=torch.device(device))
+        return self._plain_batches(self.splits["test"], device)
 
     def train_dataloader(self):
         return self._dataloader("train")

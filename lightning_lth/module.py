@@ -1,4 +1,4 @@
-"""The LightningModule: a registered net, SGD + cosine, metrics, and an optional fixed mask.
+"""The LightningModule: the net (registered or a dotted path), SGD + cosine, metrics, a fixed mask.
 
 With a mask, sparse training keeps every pruned weight exactly 0.0: the weights are zeroed
 when fit starts, a gradient hook zeroes their gradients, and a hook after every optimizer
@@ -68,8 +68,7 @@ class LTHModule(L.LightningModule):
                                             or schedule_epochs < 1):
             raise LTHError(f"model.schedule_epochs must be an integer >= 1 or null, got "
                            f"{schedule_epochs!r}")
-        self.net = build_model(arch, width, num_classes, in_channels, image_size,
-                               **(arch_kwargs or {}))
+        self.net = build_model(arch, width, num_classes, in_channels, image_size, arch_kwargs)
         if init_weights:
             load_weights(self.net, load_snapshot(init_weights), init_weights)
         self.mask = Mask.load(mask) if mask else None

@@ -146,8 +146,7 @@ def prunable_count(model: dict, prune: PruneSettings) -> int:
     """How many weights IMP prunes: from the model's shapes alone (a meta-device model)."""
     with torch.device("meta"):
         net = build_model(model["arch"], model["width"], model["num_classes"],
-                          model["in_channels"], model["image_size"],
-                          **(model.get("arch_kwargs") or {}))
+                          model["in_channels"], model["image_size"], model.get("arch_kwargs"))
     names = set(imp.prunable_names(net, prune.include, prune.exclude))
     return sum(p.numel() for name, p in net.named_parameters() if name in names)
 

@@ -25,6 +25,7 @@ import torch
 from lightning_lth.callbacks import RewindSnapshots, snapshot_name
 from lightning_lth.errors import LTHError
 from lightning_lth.io import load_json, load_tensors, save_json, save_tensors
+from lightning_lth.models import example_input
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.connectivity import compare_naive_matched, plot_interpolation
@@ -85,6 +86,12 @@ class Stage:
 
     def compute(self, ctx, work: Path, resume: str | None) -> None:
         raise NotImplementedError
+
+
+def _example(ctx, device=None) -> torch.Tensor:
+    """The batch a model without a hand-written spec is traced with: the data's shapes."""
+    model = ctx.config["model"]
+    return example_input(model["in_channels"], model["image_size"], device)
 
 
 def _train_dense(ctx, stage: Stage, seed: int, work: Path, resume: str | None,
@@ -239,10 +246,10 @@ class MatchStage(Stage):
         net_a = ctx.module(init_weights=str(weights_a)).net.to(device)
         net_b = ctx.module(init_weights=str(weights_b)).net.to(device)
         train = ctx.datamodule.unaugmented_train_batches(device)
-        perm = match(net_a, net_b, method=settings.method, batches=train,
+        spec = get_spec(net_a, _example(ctx, device))
+        perm = match(net_a, net_b, spec, method=settings.method, batches=train,
                      num_batches=settings.num_batches, seed=settings.seed)
         ctx.dist.ranks_agree("the permutation", perm)
-        spec = get_spec(net_a)
         state_a, state_b = _state(net_a), _state(net_b)
         curves = compare_naive_matched(
             net_a, state_a, state_b, perm, ctx.datamodule.test_batches(device), train,
@@ -312,7 +319,7 @@ class ArmStage(Stage):
         mask = Mask.load(ctx.run(self.round) / "mask.pt")
         if self.arm.permuted:
             perm = load_perm(ctx.run(self.matching) / "perm.pt")
-            mask = apply_permutation(mask, get_spec(module.net), perm)
+            mask = apply_permutation(mask, get_spec(module.net, _example(ctx)), perm)
         hp = ctx.config["model"]
         mask.check_fits(module.net, hp["arch"], hp["width"])
         ctx.dist.ranks_agree(f"the {self.arm.name} mask", mask.tensors)

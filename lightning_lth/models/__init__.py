@@ -1,14 +1,24 @@
 """Model registry: a model is a name, a width multiplier and the data's shape.
 
 Add a model by decorating its class with ``@register_model("name")`` in a module that is
-imported (for a user's own package: ``--model.extra_imports=[mypkg.models]``); nothing in
-the core changes.
+imported before the CLI runs; nothing in the core changes.
+
+Or bring any model without registering it: ``model.arch`` is then the dotted path of an
+``nn.Module`` class (or of a function returning one) and ``model.arch_kwargs`` its
+arguments, e.g. ``arch: torchvision.models.resnet18`` with ``arch_kwargs: {num_classes: 10}``.
+This is LightningCLI's ``class_path``/``init_args`` in the two fields the registry already
+has, rather than a second ``model.net: {class_path, init_args}`` section: one place names the
+model whichever kind it is, a registered name keeps working unchanged, and the stage keys,
+labels and records that read ``model.arch`` need no second case.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from lightning_lth.errors import LTHError
@@ -24,14 +34,63 @@ def register_model(name: str):
     return decorate
 
 
+def resolve_arch(arch: str) -> Callable[..., nn.Module]:
+    """A registered name, else a dotted path to an ``nn.Module`` class or a function that
+    returns one (``torchvision.models.resnet18``), imported here."""
+    if arch in MODELS:
+        return MODELS[arch]
+    module_name, _, attr = arch.rpartition(".") if isinstance(arch, str) else ("", "", "")
+    if not module_name:
+        raise LTHError(f"unknown model {arch!r}; valid models: {', '.join(sorted(MODELS))}, "
+                       f"or a dotted path to an nn.Module class such as "
+                       f"torchvision.models.resnet18")
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise LTHError(f"model.arch {arch!r} does not import ({error}); give a registered "
+                       f"name ({', '.join(sorted(MODELS))}) or a dotted path to an nn.Module "
+                       f"class") from None
+    if isinstance(found, type) and not issubclass(found, nn.Module) or not callable(found):
+        raise LTHError(f"model.arch {arch!r} is not an nn.Module class or a function "
+                       f"returning one")
+    return found
+
+
 def build_model(name: str, width: int, num_classes: int, in_channels: int, image_size: int,
-                **kwargs) -> nn.Module:
-    if name not in MODELS:
-        raise LTHError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
+                arch_kwargs: dict | None = None, **kwargs) -> nn.Module:
+    """The net: a registered model gets ``width`` and the data's shapes; any other class (a
+    dotted path) gets ``arch_kwargs`` and ``kwargs`` and of the shapes only those its
+    signature names, as a user's class knows nothing of this project's arguments."""
+    factory = resolve_arch(name)
+    kwargs = {**(arch_kwargs or {}), **kwargs}
+    if kwargs.get("num_classes", num_classes) != num_classes:
+        raise LTHError(f"model.arch_kwargs.num_classes={kwargs['num_classes']!r} but the "
+                       f"dataset has {num_classes} classes; drop it or set {num_classes}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise LTHError(f"model width must be an integer >= 1, got {width!r}")
-    return MODELS[name](width=width, num_classes=num_classes, in_channels=in_channels,
-                        image_size=image_size, **kwargs)
+    shapes = {"width": width, "num_classes": num_classes, "in_channels": in_channels,
+              "image_size": image_size}
+    if name not in MODELS:
+        declared = inspect.signature(factory).parameters
+        if width != 1 and "width" not in declared:
+            raise LTHError(f"model.width={width} but {name} takes no width argument; use "
+                           f"model.width=1 and set its size through model.arch_kwargs")
+        shapes = {key: value for key, value in shapes.items() if key in declared}
+        try:
+            net = factory(**{**shapes, **kwargs})
+        except TypeError as error:  # missing or unknown arguments
+            raise LTHError(f"model.arch {name!r} cannot be built with {sorted(kwargs)} "
+                           f"({error}); set its arguments in model.arch_kwargs") from None
+    else:
+        net = factory(**shapes, **kwargs)
+    if not isinstance(net, nn.Module):
+        raise LTHError(f"model.arch {name!r} returned {type(net).__name__}, not an nn.Module")
+    return net
+
+
+def example_input(in_channels: int, image_size: int, device=None) -> torch.Tensor:
+    """A batch of 2 zero images of the data's shape: what ``get_spec`` traces a model with."""
+    return torch.zeros(2, in_channels, image_size, image_size, device=device)
 
 
 from lightning_lth.models import mlp, resnet, vgg  # noqa: E402,F401  (register the built-ins)

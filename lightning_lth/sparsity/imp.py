@@ -55,7 +55,7 @@ PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 # -- what is pruned -------------------------------------------------------------------------
 def prunable_names(net: nn.Module, include: Sequence[str] | None = None,
                    exclude: Sequence[str] | None = None,
-                   exclude_skip_paths: bool = False) -> list[str]:
+                   exclude_skip_paths: bool | None = None) -> list[str]:
     """Names of the conv and linear weights (ndim >= 2) that IMP prunes.
 
     A name must match an ``include`` pattern and no ``exclude`` pattern (fnmatch, on the
@@ -64,8 +64,13 @@ def prunable_names(net: nn.Module, include: Sequence[str] | None = None,
     pruned: they are not conv/linear weights. ``exclude_skip_paths``: also leave out the convs
     that the model's torch.fx graph shows alone on a residual skip path
     (``symmetry.trace.skip_path_convs``, e.g. torchvision's ``layer2.0.downsample.0``): the
-    authors' shortcut rule for models whose names the default patterns do not know.
+    authors' shortcut rule for models whose names the default patterns do not know. None
+    (the default): on exactly for models without a hand-written ``permutation_spec()``,
+    i.e. models brought as a dotted path, whose graph is traced for their spec anyway; the
+    built-ins keep their name patterns (``*shortcut*``) and are never traced.
     """
+    if exclude_skip_paths is None:
+        exclude_skip_paths = not hasattr(net, "permutation_spec")
     defaults = PruneSettings()
     include = list(defaults.include if include is None else include)
     exclude = list(defaults.exclude if exclude is None else exclude)
