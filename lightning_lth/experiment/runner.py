@@ -133,12 +133,12 @@ class Runner:
             nonlocal computed
             computed = True
             self.view.started(stage, resume)
-            stage.compute(self, work, resume)
+            try:
+                stage.compute(self, work, resume)
+            finally:  # this stage's W&B run, and only it: a stage reads others before it starts
+                self.tracking.finish()
 
-        try:
-            folder = self.store.run(stage, compute)
-        finally:
-            self.tracking.finish()
+        folder = self.store.run(stage, compute)
         if computed:
             self.view.finished(stage)
         return folder

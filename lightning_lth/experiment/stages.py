@@ -15,6 +15,7 @@ distinct from dense A's and B's).
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -63,15 +64,16 @@ def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Stage:
+class Stage(ABC):
     kind: ClassVar[str] = ""
     name: str  # readable and stable: "dense A", "imp round 3", "arm permuted S=0.9 k=2"
     label: str  # the readable part of the key
     key: str = ""  # set by the plan
     epochs: int = 0  # training epochs
 
+    @abstractmethod
     def identity(self) -> dict:
-        raise NotImplementedError
+        """What tells this stage from others of its kind, besides the config."""
 
     def reads(self) -> tuple[Stage, ...]:
         return ()
@@ -84,8 +86,9 @@ class Stage:
         return {"kind": self.kind, "name": self.name, "key": self.key, "epochs": self.epochs,
                 "identity": self.identity()}
 
+    @abstractmethod
     def compute(self, ctx, work: Path, resume: str | None) -> None:
-        raise NotImplementedError
+        """Write the outputs into ``work``, continuing from ``resume`` when given."""
 
 
 def _example(ctx, device=None) -> torch.Tensor:
@@ -248,7 +251,7 @@ class MatchStage(Stage):
         train = ctx.datamodule.unaugmented_train_batches(device)
         spec = get_spec(net_a, _example(ctx, device))
         perm = match(net_a, net_b, spec, method=settings.method, batches=train,
-                     num_batches=settings.num_batches, seed=settings.seed)
+                     num_batches=settings.num_batches, seed=settings.seed, context=ctx.dist)
         ctx.dist.ranks_agree("the permutation", perm)
         state_a, state_b = _state(net_a), _state(net_b)
         curves = compare_naive_matched(
