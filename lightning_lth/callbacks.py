@@ -79,7 +79,7 @@ class RewindSnapshots(L.Callback):
             return
         existing = sorted(p.name for p in self.dirpath.glob("*.pt")) if self.dirpath.is_dir() \
             else []
-        if existing:
+        if existing and trainer.is_global_zero:  # under DDP, rank 0 may have saved epoch 0
             raise LTHError(f"{self.dirpath} already holds snapshots ({', '.join(existing[:3])}"
                            f"...); choose another dirpath, or resume with --ckpt_path")
         if 0 in self.epochs:
