@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,6 +151,20 @@ def write_cifar_dataset(root: Path, name: str = "cifar10", n_train: int = 100,
     return root
 
 
+def assert_interleaves(whole, ranks) -> None:
+    """Rank r's batch k is positions r, r + N, ... of the 1-rank batch k (same images, same
+    augmentation); the last batch loses its len % N tail so the ranks stay equal."""
+    whole, ranks = list(whole), [list(loader) for loader in ranks]
+    world = len(ranks)
+    for batches in ranks:
+        assert len(batches) == len(whole)
+    for k, (images, labels) in enumerate(whole):
+        keep = len(labels) // world * world
+        for rank, batches in enumerate(ranks):
+            assert torch.equal(batches[k][0], images[:keep][rank::world])
+            assert torch.equal(batches[k][1], labels[:keep][rank::world])
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tests run torch on one intra-op thread (and run_cli's subprocesses too).
@@ -158,8 +173,6 @@ def one_torch_thread():
     ResNet20 fit measured 6-29 s with 2 threads against 1.1 s with 1. Results do not depend
     on it (the seeded tests compare runs made with the same setting).
     """
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import class_images, write_cifar_dataset, write_idx_dataset
+from conftest import assert_interleaves, class_images, write_cifar_dataset, write_idx_dataset
 
 from lightning_lth import data as data_module
 from lightning_lth.data import DATASETS, LTHDataModule
@@ -379,27 +379,13 @@ def test_bad_datamodule_options(kwargs, bad):
 
 
 # -- order seed, DDP partition, per-epoch determinism -----------------------------------------
-def interleaves(whole, ranks) -> None:
-    """Rank r's batch k is positions r, r + N, ... of the 1-rank batch k (same images, same
-    augmentation); the last batch loses its len % N tail so the ranks stay equal."""
-    whole, ranks = list(whole), [list(loader) for loader in ranks]
-    world = len(ranks)
-    for batches in ranks:
-        assert len(batches) == len(whole)
-    for k, (images, labels) in enumerate(whole):
-        keep = len(labels) // world * world
-        for rank, batches in enumerate(ranks):
-            assert torch.equal(batches[k][0], images[:keep][rank::world])
-            assert torch.equal(batches[k][1], labels[:keep][rank::world])
-
-
 @pytest.mark.parametrize("loader", LOADERS)
 def test_ddp_global_batch_ranks_make_the_one_rank_batches(data_dir, loader):
     dm = make_dm("cifar10", data_dir, loader, val_split=1)  # 99 augmented training images
     assert dm.ddp_batch == "global"
     ranks = [dm.build_loader("train", rank, 2) for rank in range(2)]
     assert next(iter(ranks[0]))[1].shape == (16,)
-    interleaves(dm.build_loader("train"), ranks)
+    assert_interleaves(dm.build_loader("train"), ranks)
     with pytest.raises(LTHError) as info:
         dm.build_loader("train", 0, 3)
     assert "32" in str(info.value) and "3 ranks" in str(info.value)
@@ -411,7 +397,7 @@ def test_ddp_per_rank_batch_is_each_ranks(data_dir, loader):
     dm = make_dm("cifar10", data_dir, loader, val_split=1, ddp_batch="per_rank")
     ranks = [dm.build_loader("train", rank, 3) for rank in range(3)]
     assert next(iter(ranks[0]))[1].shape == (32,)
-    interleaves(make_dm("cifar10", data_dir, loader, val_split=1,
+    assert_interleaves(make_dm("cifar10", data_dir, loader, val_split=1,
                         batch_size=96).build_loader("train"), ranks)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_interleaves
 from PIL import Image
 from torch.utils.data import Subset
 from torchvision import transforms
@@ -99,13 +100,7 @@ def test_ddp_ranks_together_make_the_one_rank_batches(world_size, augment):
     whole = list(make_loader(images, batch_size=16 * world_size, augment=augment, epoch=2))
     ranks = [list(make_loader(images, batch_size=16, augment=augment, epoch=2, rank=rank,
                               world_size=world_size)) for rank in range(world_size)]
-    for batches in ranks:
-        assert len(batches) == len(whole)
-    for k, (x, y) in enumerate(whole):
-        keep = len(y) // world_size * world_size
-        for rank, batches in enumerate(ranks):
-            assert torch.equal(batches[k][0], x[:keep][rank::world_size])
-            assert torch.equal(batches[k][1], y[:keep][rank::world_size])
+    assert_interleaves(whole, ranks)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -45,8 +45,10 @@ class StoredStage(Protocol):
     def describe(self) -> dict: ...
 
 
-def _is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(".tmp")
+def _drop_temporaries(work: Path) -> None:
+    """Remove what killed atomic writes left (``write_atomic``'s ``.<name>.*.tmp``)."""
+    for path in [p for p in work.rglob(".*.tmp") if p.is_file()]:
+        path.unlink()
 
 
 class Store:
@@ -113,8 +115,7 @@ class Store:
         """The resume checkpoint to continue from, or None after emptying the folder."""
         checkpoint = work / CHECKPOINTS / ResumePoints.FILE
         if checkpoint.is_file():
-            for leftover in [p for p in work.rglob("*") if _is_temporary(p)]:
-                leftover.unlink()
+            _drop_temporaries(work)
             return str(checkpoint)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -168,8 +169,7 @@ class Store:
 
     def _seal(self, stage: StoredStage, work: Path) -> None:
         shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # a finished stage never resumes
-        for leftover in [p for p in work.rglob("*") if _is_temporary(p)]:
-            leftover.unlink()
+        _drop_temporaries(work)
         save_json(stage.describe(), work / SETTINGS)
         files = {str(p.relative_to(work)): file_sha256(p) for p in sorted(work.rglob("*"))
                  if p.is_file() and p.relative_to(work).parts[0] not in SCRATCH}
