@@ -282,7 +282,9 @@ def test_barrier_and_alphas_and_plot(tmp_path):
     assert barrier([0, 0.5, 1], [1.0, 1.5, 2.0]) == pytest.approx(0.0)
     curve = {"alphas": alphas, "loss": [1.0] * 11, "acc": [0.5] * 11, "loss_barrier": 0.0,
              "error_barrier": 0.0}
-    path = plot_interpolation(curve, curve, tmp_path / "sub" / "lmc.png", title="t")
+    comparison = {"curves": {c: {"naive": curve, "matched": curve}
+                             for c in ("plain", "bn_reset", "repair")}}
+    path = plot_interpolation(comparison, tmp_path / "sub" / "lmc.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(LTHError, match="BatchNorm"):
         model = make("resnet20")
