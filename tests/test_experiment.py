@@ -68,6 +68,7 @@ def test_experiment_end_to_end_then_rerun_trains_nothing(tmp_path):
     for row in rows:
         assert 0.0 <= row["test_acc"] <= 1.0 and row["dense_acc_a"] > 0.3
         assert row["barrier_loss_after"] <= row["barrier_loss_before"] + 1e-6
+        assert row["barrier_loss_after_repair"] is None  # study.match.repair is off
     computed = events(store)
     assert sorted(e["stage"] for e in computed) == sorted(
         ["dense", "dense"] + ["imp"] * IMP_ROUNDS + ["match"] + ["arm"] * 12)
@@ -229,12 +230,17 @@ def test_match_command_writes_pi_permuted_weights_mask_and_report(tmp_path):
     (mask_file,) = [folder / "mask.pt" for folder in store.glob("imp/*")
                     if folder.is_dir() and abs(json.loads((folder / "metrics.json")
                                                       .read_text())["sparsity"] - 0.8) < 1e-3]
-    assert main(["match", "--config", str(config), f"--study.mask={mask_file}"]) == 0
+    assert main(["match", "--config", str(config), f"--study.mask={mask_file}",
+                 "--study.match.repair=true"]) == 0
     (match_dir,) = [p for p in (store / "match").iterdir() if p.is_dir()]
     for name in ("perm.pt", "weights_a_permuted.pt", "connectivity.json", "interpolation.png"):
         assert (match_dir / name).is_file(), name
     curves = json.loads((match_dir / "connectivity.json").read_text())
     assert len(curves["naive"]["alphas"]) >= 11 and len(curves["matched"]["loss"]) >= 11
+    # the MLP has no BatchNorm: plain (the default) and REPAIR, which corrects both hidden layers
+    assert curves["default"] == "plain" and list(curves["curves"]) == ["plain", "repair"]
+    assert curves["curves"]["repair"]["matched"]["repaired"] == ["layers.0", "layers.2"]
+    assert curves["about"]["bn_reset"].startswith("absent")
     mask, permuted = Mask.load(mask_file), Mask.load(match_dir / "mask_permuted.pt")
     assert permuted.layer_sparsity() == mask.layer_sparsity()
     assert any(not torch.equal(mask.tensors[n], permuted.tensors[n]) for n in mask.tensors)
@@ -288,7 +294,8 @@ def test_imp_rounds_land_on_each_target_nested_and_chains_share_rounds(tmp_path,
 def test_every_stage_logs_to_wandb_offline_and_the_arm_summary_is_its_record(tmp_path):
     """One offline W&B run per stage, its id the stage key; the arm's run holds its record
     (W&B's offline format is binary: the record's values are looked up as their JSON text)."""
-    config = tiny_config(tmp_path, wandb_mode="offline")
+    config = tiny_config(tmp_path, wandb_mode="offline",
+                         match={"interpolation_points": 11, "repair": True})
     store = tmp_path / "store"
     result = run_cli("experiment", "--config", config, "--study.only.sparsity=0.5",
                      "--study.only.rewind_epoch=1", "--study.only.arm=lth", cwd=tmp_path)
@@ -299,5 +306,11 @@ def test_every_stage_logs_to_wandb_offline_and_the_arm_summary_is_its_record(tmp
     assert set(runs) == stages and len(stages) == 2 + IMP_ROUNDS + 1 + 1
     (row,) = records(store)
     (log,) = runs[row["key"]].glob("run-*.wandb")
-    for value in (row["test_acc"], row["barrier_loss_after"], row["config_hash"]):
+    for value in (row["test_acc"], row["barrier_loss_after"], row["config_hash"],
+                  row["barrier_loss_after_repair"]):
         assert json.dumps(value).encode() in log.read_bytes(), value
+    (match_key,) = [path.name for path in (store / "match").iterdir() if path.is_dir()]
+    (log,) = runs[match_key].glob("run-*.wandb")
+    for name in ("match/repair/matched_loss_barrier", "match/plain/naive_acc",
+                 "match/matched_error_barrier"):
+        assert name.encode() in log.read_bytes(), name

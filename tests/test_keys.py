@@ -93,6 +93,8 @@ EXPECTED: dict[str, Expect] = {
     "study.prune.chain": plan_shaping(DENSE | {"match"}, "per_target"),
     "study.match": exact({"match", "arm permuted"}),
     "study.match.method": exact({"match", "arm permuted"}, value="weight"),
+    # only the curves change, but pi's stage is re-keyed, and the permuted arms read it
+    "study.match.repair": exact({"match", "arm permuted"}, value=True),
     "study.sparse": exact(ARMS),
     "study.sparsities": plan_shaping(DENSE | {"match"}, [0.5, 0.9]),
     "study.rewind_epochs": plan_shaping(ALL, [0, 2]),

@@ -31,8 +31,9 @@ class MatchSettings:
     method: str = "activation"
     num_batches: int | None = None  # None: one pass over the training set
     interpolation_points: int = 11
-    bn_reset_batches: int | None = None  # BN statistics at each alpha; None: one pass
+    bn_reset_batches: int | None = None  # BN (and REPAIR) statistics at each alpha; None: one pass
     seed: int = 0
+    repair: bool = False  # also the REPAIR curves (Jordan et al. 2023): nets without BatchNorm
 
 
 @dataclass

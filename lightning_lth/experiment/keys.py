@@ -59,6 +59,9 @@ EXCLUDED: dict[str, str] = {
 # draws its own augmentation stream, so the worker count is keyed there.
 DEVICE_LOADER_ONLY = {"data.num_workers": "the device loader has no workers"}
 
+# Every leaf of study.match is keyed for the match stage, study.match.repair included: it
+# changes only the curves (connectivity.json), yet as a match-stage leaf it also re-keys the
+# permuted arms that read that stage's pi.
 STUDY_SECTIONS: dict[str, tuple[str, ...]] = {
     "dense": (),
     "snapshot": (),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from lightning_lth.io import write_atomic
@@ -40,6 +40,11 @@ class Record:
     num_threads: int  # torch intra-op threads: they change the last bits of CPU numbers
     device: str
     finished_at: str
+    # REPAIR's barriers (study.match.repair), None where not computed; absent in older records
+    barrier_loss_before_repair: float | None = None
+    barrier_loss_after_repair: float | None = None
+    barrier_error_before_repair: float | None = None
+    barrier_error_after_repair: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,21 +58,23 @@ def _type_ok(value, kind: str) -> bool:
     return {"str": isinstance(value, str),
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": number,
-            "str | None": value is None or isinstance(value, str)}[kind]
+            "str | None": value is None or isinstance(value, str),
+            "float | None": value is None or number}[kind]
 
 
 def invalid(record) -> str | None:
     """Why ``record`` (a decoded JSON object) is not a usable Record, or None.
 
     Accuracies must be fractions: a percent slipping in would scale one arm's cells by 100.
-    Losses and barriers of a diverged run may legitimately be NaN or inf."""
+    Losses and barriers of a diverged run may legitimately be NaN or inf. Fields with a
+    default (added after a release) may be missing."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
-    missing = [f.name for f in fields(Record) if f.name not in record]
+    missing = [f.name for f in fields(Record) if f.name not in record and f.default is MISSING]
     if missing:
         return f"missing key(s) {', '.join(missing)}"
     for f in fields(Record):
-        if not _type_ok(record[f.name], f.type):
+        if f.name in record and not _type_ok(record[f.name], f.type):
             return f"{f.name} must be {f.type}, got {record[f.name]!r}"
     for name in _FRACTIONS:
         if not 0.0 <= record[name] <= 1.0:

@@ -156,6 +156,7 @@ class Runner:
         model = self.config["model"]
         match_dir = self.store.path(plan.match)
         curves = load_json(match_dir / "connectivity.json")
+        repair = curves.get("curves", {}).get("repair")  # None: REPAIR was not computed
         dense = {role: load_json(self.store.path(stage) / "metrics.json")["test_acc"]
                  for role, stage in (("a", plan.dense_a), ("b", plan.dense_b))}
         pruned = load_json(self.store.path(arm.round) / "metrics.json")["test_acc"]
@@ -173,7 +174,10 @@ class Runner:
             wall_time_s=result["wall_time_s"], key=arm.key,
             config_hash=keys.config_hash(self.config), num_threads=result["num_threads"],
             device=result["device"],
-            finished_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            finished_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **({f"barrier_{kind}_{when}_repair": repair[side][f"{kind}_barrier"]
+                for kind in ("loss", "error")
+                for when, side in (("before", "naive"), ("after", "matched"))} if repair else {}))
 
     def experiment(self) -> list[Record]:
         started = time.time()

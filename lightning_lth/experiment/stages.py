@@ -256,7 +256,7 @@ class MatchStage(Stage):
         state_a, state_b = _state(net_a), _state(net_b)
         curves = compare_naive_matched(
             net_a, state_a, state_b, perm, ctx.datamodule.test_batches(device), train,
-            spec=spec, num_alphas=settings.interpolation_points,
+            spec=spec, repair=settings.repair, num_alphas=settings.interpolation_points,
             bn_batches=settings.bn_reset_batches)
         if not ctx.dist.is_writer:
             return
@@ -264,8 +264,7 @@ class MatchStage(Stage):
         save_tensors({"state_dict": apply_permutation(state_a, spec, perm), "epoch": None,
                       "meta": {"permuted_to": self.b.ident}}, work / "weights_a_permuted.pt")
         save_json(curves, work / "connectivity.json")
-        plot_interpolation(curves["naive"], curves["matched"], work / "interpolation.png",
-                           title=self.label)
+        plot_interpolation(curves, work / "interpolation.png", title=self.label)
         if self.mask is not None:
             apply_permutation(Mask.load(self.mask.path), spec, perm).save(
                 work / "mask_permuted.pt")

@@ -65,17 +65,29 @@ class Tracking:
                            config={"stage": stage.kind, "key": stage.key, **config})
 
     def log_connectivity(self, stage, curves: dict, png: Path, method: str) -> None:
-        """The interpolation curves (one step per alpha), barriers and plot."""
-        logger = self.logger(stage, "match", {"method": method})
+        """The interpolation curves (one step per alpha), barriers and plot of
+        ``compare_naive_matched``'s output: every correction computed as
+        ``match/<correction>/<side>_<metric>``, and the default correction (the record's) also
+        under the unqualified ``match/<side>_<metric>``."""
+        logger = self.logger(stage, "match", {"method": method, "default": curves["default"],
+                                              "corrections": list(curves["curves"])})
         if logger is None:
             return
+        named = {**{(correction, side): curve for correction, sides in curves["curves"].items()
+                    for side, curve in sides.items()},
+                 **{(None, side): curves[side] for side in ("naive", "matched")}}
+
+        def key(correction, side, name):
+            return f"match/{f'{correction}/' if correction else ''}{side}_{name}"
+
         for index, alpha in enumerate(curves["naive"]["alphas"]):
-            logger.log_metrics({f"match/{side}_{metric}": curves[side][metric][index]
-                                for side in ("naive", "matched") for metric in ("loss", "acc")}
-                               | {"match/alpha": alpha}, step=index)
+            logger.log_metrics({key(c, side, metric): curve[metric][index]
+                                for (c, side), curve in named.items()
+                                for metric in ("loss", "acc")} | {"match/alpha": alpha},
+                               step=index)
         logger.experiment.summary.update(
-            {f"match/{side}_{barrier}": curves[side][barrier] for side in ("naive", "matched")
-             for barrier in ("loss_barrier", "error_barrier")})
+            {key(c, side, name): curve[name] for (c, side), curve in named.items()
+             for name in ("loss_barrier", "error_barrier")})
         logger.log_image("match/interpolation", [str(png)])
 
     def finish(self) -> None:
