@@ -146,7 +146,8 @@ def _per_seed(records: list[dict], field: str) -> list[float]:
     averaging raw records would weight seeds by how many arms they ran."""
     by_seed: dict[int, list[float]] = defaultdict(list)
     for rec in records:
-        by_seed[rec["seed"]].append(rec[field])
+        if rec.get(field) is not None:  # an optional field (REPAIR's barriers) may be absent
+            by_seed[rec["seed"]].append(rec[field])
     return [statistics.fmean(v) for _, v in sorted(by_seed.items())]
 
 
@@ -208,19 +209,32 @@ def accuracy_table(records: list[dict]) -> str:
 
 def barrier_rows(groups: dict[Group, list[dict]]) -> Table:
     """Loss/error barriers of the dense pair's interpolation, before vs after matching, per
-    width; the Seeds column is each row's n."""
-    cols = ("barrier_loss_before", "barrier_loss_after", "barrier_error_before", "barrier_error_after")
+    width: the default curve's (BatchNorm statistics reset at each alpha for a net with
+    BatchNorm, else the plain interpolation) and, where any record has them, REPAIR's; the
+    Seeds column is each row's n."""
+    cols = ["barrier_loss_before", "barrier_loss_after", "barrier_error_before",
+            "barrier_error_after"]
     header = ["Model", "Dataset", "Width", "Config", "Loss barrier before", "Loss barrier after",
-              "Error barrier before (%)", "Error barrier after (%)", "Seeds"]
+              "Error barrier before (%)", "Error barrier after (%)"]
+    if any(rec.get("barrier_loss_after_repair") is not None
+           for recs in groups.values() for rec in recs):
+        cols += [f"{col}_repair" for col in cols]
+        header += [f"REPAIR {name[0].lower()}{name[1:]}" for name in header[4:]]
     rows = []
     for (model, dataset, width, config), recs in groups.items():
         row = [model, dataset, f"×{width}", config]
+        seeds = len(_per_seed(recs, cols[0]))
         for col in cols:
-            mean, std, n = _stats(_per_seed(recs, col))
-            loss = f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
-            row.append(_pct(mean, std, n) if "error" in col else loss)
-        rows.append(row + [str(n)])
-    return header, rows
+            values = _per_seed(recs, col)
+            if not values:
+                row.append("–")
+                continue
+            mean, std, n = _stats(values)
+            text = _pct(mean, std, n) if "error" in col else \
+                f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
+            row.append(text if n == seeds else f"{text} (n={n})")
+        rows.append(row + [str(seeds)])
+    return header + ["Seeds"], rows
 
 
 def barrier_table(groups: dict[Group, list[dict]]) -> str:
@@ -301,10 +315,21 @@ def plot_vs_sparsity(records: list[dict], title: str, ks: list[int] | None = Non
                             lambda k: f"k = {k}", "sparsity (%)")
 
 
+def _repair_curves(data: dict) -> dict | None:
+    """The REPAIR curves of a connectivity file, None where not computed."""
+    curves = data.get("curves")
+    return curves.get("repair") if isinstance(curves, dict) else None
+
+
 def _load_connectivity(path: str) -> dict:
     data = load_json(path, "connectivity file")
-    for side in ("naive", "matched"):
-        curve = data.get(side) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise LTHError(f"connectivity file {path} holds no JSON object")
+    repair = _repair_curves(data) or {}
+    checks = [(side, data.get(side)) for side in ("naive", "matched")]
+    if repair:
+        checks += [(f"curves.repair.{side}", repair.get(side)) for side in ("naive", "matched")]
+    for side, curve in checks:
         if not isinstance(curve, dict) or not all(
                 isinstance(curve.get(k), list) for k in ("alphas", "loss", "acc")):
             raise LTHError(f"connectivity file {path} lacks {side}.alphas/loss/acc lists")
@@ -315,7 +340,8 @@ def _load_connectivity(path: str) -> dict:
 
 def plot_interpolation(records: list[dict], title: str) -> tuple[bytes | None, list[str]]:
     """Accuracy and loss along the linear path between the dense pair, before ('naive') and after
-    ('matched') permutation matching, one line per connectivity file.  Missing or bad files are
+    ('matched') permutation matching, one line per connectivity file, and REPAIR's curves where
+    the file has them (study.match.repair).  Missing or bad files are
     skipped and returned as notes; None when no file could be read."""
     notes: list[str] = []
     curves = []
@@ -331,11 +357,18 @@ def plot_interpolation(records: list[dict], title: str) -> tuple[bytes | None, l
         return None, notes
     fig = Figure(figsize=(9, 3.4))
     ax_acc, ax_loss = fig.subplots(1, 2)
-    for i, data in enumerate(curves):
-        for side, style in (("naive", "--"), ("matched", "-")):
-            c = data[side]
-            label = ("before matching" if side == "naive" else "after matching") if i == 0 else None
-            color = "tab:red" if side == "naive" else "tab:blue"
+    labelled = set()
+    for data in curves:
+        repair = _repair_curves(data) or {}
+        for c, name, style, color in (
+                (data["naive"], "before matching", "--", "tab:red"),
+                (data["matched"], "after matching", "-", "tab:blue"),
+                (repair.get("naive"), "before matching, REPAIR", "--", "tab:olive"),
+                (repair.get("matched"), "after matching, REPAIR", "-", "tab:green")):
+            if c is None:
+                continue
+            label = None if name in labelled else name
+            labelled.add(name)
             ax_acc.plot(c["alphas"], [100 * a for a in c["acc"]], style, color=color, label=label)
             ax_loss.plot(c["alphas"], c["loss"], style, color=color, label=label)
     ax_acc.set(xlabel="α (model A → model B)", ylabel="test accuracy (%)")
@@ -552,7 +585,11 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
         if png is not None:
             figure(f"{stem}_interpolation.png", "interpolation before and after matching", png)
     blocks += [("h2", "Matching quality (barriers over seeds; Seeds: n per row)"),
-               ("table", barrier_rows(groups))]
+               ("table", barrier_rows(groups)),
+               ("p", "Before/after: the default interpolation (BatchNorm statistics recomputed at "
+                     "each alpha for a net with BatchNorm, else the weights as they are); REPAIR "
+                     "columns, where computed (study.match.repair): each hidden channel's mean and "
+                     "std renormalised to the interpolation of the endpoints'.")]
     cost = cost_rows(Path(store)) if store is not None else None
     if cost is not None:
         blocks += [("h2", "Study cost"),

@@ -172,6 +172,38 @@ def test_one_seed_shows_its_n_and_no_plus_minus(built):
     assert row.endswith("| 1.000 | 0.200 | 50.00 | 5.00 | 1 |")
 
 
+def test_repair_barriers_get_their_columns_and_curves_and_older_records_still_load(tmp_path):
+    """Width 1 computed REPAIR (its records and its connectivity file have it), width 2 is an
+    older record without the REPAIR fields: it loads, and its REPAIR cells show '–'."""
+    curve = {"alphas": [0, 0.5, 1], "loss": [0.3, 1.5, 0.3], "acc": [0.9, 0.4, 0.9],
+             "loss_barrier": 1.2, "error_barrier": 0.5}
+    flat = {**curve, "loss": [0.3, 0.32, 0.3], "acc": [0.9, 0.89, 0.9]}
+    conn = tmp_path / "match" / "w1s0" / "connectivity.json"
+    conn.parent.mkdir(parents=True)
+    conn.write_text(json.dumps({"naive": curve, "matched": curve, "default": "plain",
+                                "curves": {"plain": {"naive": curve, "matched": curve},
+                                           "repair": {"naive": curve, "matched": flat}}}))
+    repaired = {"barrier_loss_before_repair": 0.9, "barrier_loss_after_repair": 0.02,
+                "barrier_error_before_repair": 0.3, "barrier_error_after_repair": 0.01}
+    old = record(tmp_path, width=2, seed=0)
+    recs = [record(tmp_path, seed=seed, **repaired) for seed in (0, 1)] + [old]
+    lines = write_jsonl(tmp_path / "results.jsonl", recs)
+    loaded, problems = report.load_records(lines)
+    assert not problems and len(loaded) == 3
+    table = report.barrier_table(report._groups(loaded))
+    assert "REPAIR loss barrier after" in table.splitlines()[0]
+    w1 = next(line for line in table.splitlines() if "| ×1 |" in line)
+    assert w1.endswith("| 0.900 ± 0.000 | 0.020 ± 0.000 | 30.00 ± 0.00 | 1.00 ± 0.00 | 2 |")
+    w2 = next(line for line in table.splitlines() if "| ×2 |" in line)
+    assert w2.endswith("| – | – | – | – | 1 |")
+    png, notes = report.plot_interpolation(recs[:1], "t")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and not notes
+    conn.write_text(json.dumps({"naive": curve, "matched": curve,
+                                "curves": {"repair": {"naive": curve}}}))
+    _, notes = report.plot_interpolation(recs[:1], "t")
+    assert any("curves.repair.matched" in note for note in notes)
+
+
 def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
     good = all_records(tmp_path)
     missing = record(tmp_path)
