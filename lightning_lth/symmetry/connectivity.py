@@ -282,7 +282,8 @@ class Repair:
         for state in (state_a, state_b):
             probe.load_state_dict(state)
             self.endpoints.append(channel_stats(probe, self.corrected, batches, num_batches,
-                                                stop=self._last()) if self.corrected else {})
+                                                stop=self.corrected[-1])
+                                  if self.corrected else {})
 
     def _order(self, model: nn.Module, layers: list[str]) -> list:
         """The steps of :meth:`apply` in the order the modules run: a layer's name, or a tuple
@@ -329,9 +330,6 @@ class Repair:
             elif name not in fed_norm:
                 steps.append(name)
         return steps
-
-    def _last(self) -> str:
-        return self.corrected[-1]
 
     @torch.no_grad()
     def apply(self, model: nn.Module, alpha: float) -> list:
