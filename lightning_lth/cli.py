@@ -54,6 +54,13 @@ COMMANDS = {
              "its epochs and its time (measured, or estimated from the stages the store has "
              "timed), then the totals. --json prints the plan as JSON instead.",
              "plan --config configs/demo_fmnist.yaml --json"),
+    "grid": ("a whole grid of studies as one stage graph, on local workers or SLURM",
+             "Builds the graph of every stage of every cell of a sweep file (or a config with "
+             "--vary), each shared stage once, and runs it longest critical path first: one "
+             "submitit job per stage, on local workers (one per GPU, or CPU processes) or as "
+             "SLURM jobs with dependencies. The store says what is done: run it again to "
+             "resume. --dry_run prints the schedule and the estimated makespan.",
+             "grid --sweep sweeps/demo_fmnist.yaml --workers 2 --dry_run"),
     "report": ("tables, figures and report.html from the arms' results",
                "Reads <store>/results.jsonl (or --results, or --wandb_project) and writes "
                "report.md, report.csv, the figures and report.html (one self-contained page: "
@@ -116,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] == "report":
             return report_main(argv[1:])
+        if argv[0] == "grid":
+            from lightning_lth.grid.command import main as grid_main
+
+            return grid_main(argv[1:])
         if argv[0] in PIPELINE_COMMANDS:
             from lightning_lth.experiment import runner
 

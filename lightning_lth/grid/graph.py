@@ -1,0 +1,188 @@
+"""The stage graph of a grid: every stage of every cell, each once, with what it reads.
+
+A grid is a sweep file (``sweeps/*.yaml``, the file the W&B agents use) or a config plus
+values to vary. Each cell is one ``experiment`` run; its plan (``build_plan``) lists its
+stages under keys that identical stages of other cells share, so the union of the cells'
+plans is the grid's graph. Cells that differ only in ``study.only.*`` (which only selects
+arms, and is in no key) share one parsed config and one plan: a 972-cell grid parses 9
+configs, not 972.
+
+A node is one *schedulable unit*: one job runs its stages in order. ``units`` makes one unit
+per stage; it is the one place where stages that must run together (a fused arm group) would
+become one unit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lightning_lth.errors import LTHError
+from lightning_lth.experiment.plan import in_order
+from lightning_lth.experiment.stages import ArmStage, Stage
+
+ONLY = "study.only."
+COMMAND = "experiment"
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Cells = the product of ``parameters`` (in order); each cell's arguments are ``base``,
+    then ``--name=value`` per parameter, then ``overrides`` (for every cell)."""
+
+    base: tuple[str, ...]
+    parameters: dict[str, list]
+    overrides: tuple[str, ...] = ()
+
+    def cells(self) -> list[dict]:
+        names = list(self.parameters)
+        return [dict(zip(names, values, strict=True))
+                for values in itertools.product(*self.parameters.values())]
+
+    def argv(self, params: dict) -> list[str]:
+        return [*self.base, *(f"--{name}={argument(value)}" for name, value in params.items()),
+                *self.overrides]
+
+
+def argument(value) -> str:
+    """A value as the command line takes it (W&B's ``${args}`` writes ``--name=value``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def from_sweep(path: str | Path, overrides: Sequence[str] = ()) -> GridSpec:
+    """The grid of a W&B grid sweep file whose command runs ``experiment``."""
+    sweep = yaml.safe_load(Path(path).read_text())
+    if not isinstance(sweep, dict) or sweep.get("method") != "grid":
+        raise LTHError(f"{path}: a grid needs a W&B sweep file with method: grid")
+    command = [str(part) for part in sweep.get("command", [])]
+    if COMMAND not in command or "${args}" not in command:
+        raise LTHError(f"{path}: the sweep's command must run `{COMMAND}` with ${{args}}, got "
+                       f"{command}")
+    base = [part for part in command[command.index(COMMAND) + 1:] if not part.startswith("${")]
+    parameters = {}
+    for name, spec in sweep.get("parameters", {}).items():
+        if "values" in spec:
+            parameters[name] = list(spec["values"])
+        elif "value" in spec:
+            parameters[name] = [spec["value"]]
+        else:
+            raise LTHError(f"{path}: parameter {name} needs `values` or `value` for a grid")
+    return GridSpec(tuple(base), parameters, tuple(overrides))
+
+
+@dataclass(frozen=True)
+class Node:
+    """One schedulable unit: its stages' keys (run in this order by one job), the units it
+    reads, its training epochs and what its cost depends on."""
+
+    key: str
+    stages: tuple[str, ...]
+    kind: str
+    name: str
+    epochs: int
+    needs: tuple[str, ...]
+    argv: tuple[str, ...]  # a cell config whose plan holds these stages (for the job)
+    arch: str
+    width: int
+    weights: int  # prunable weights of the model: how an untimed width's cost is scaled
+    done: bool  # finished in the store when the graph was built
+
+
+@dataclass
+class Cell:
+    params: dict
+    units: tuple[str, ...]  # in the order `experiment` for this cell walks them
+
+
+@dataclass
+class GridGraph:
+    nodes: dict[str, Node]  # each after the nodes it needs
+    cells: list[Cell]
+    store: Path
+    runners: list = field(default_factory=list)  # one per parsed config: their plans' records
+
+    def dependents(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {key: [] for key in self.nodes}
+        for node in self.nodes.values():
+            for need in node.needs:
+                out[need].append(node.key)
+        return out
+
+    def todo(self) -> list[str]:
+        return [key for key, node in self.nodes.items() if not node.done]
+
+
+def units(stages: Sequence[Stage]) -> list[tuple[Stage, ...]]:
+    """The schedulable units of a plan's stages, in order: one stage each."""
+    return [(stage,) for stage in stages]
+
+
+def selects(arm: ArmStage, params: dict) -> bool:
+    """Whether a cell's ``study.only.*`` values select this arm (as ``build_plan`` does)."""
+    only = {name[len(ONLY):]: value for name, value in params.items() if name.startswith(ONLY)}
+    unknown = set(only) - {"sparsity", "rewind_epoch", "arm"}
+    if unknown:
+        raise LTHError(f"unknown grid parameter(s) {', '.join(ONLY + n for n in unknown)}; "
+                       f"valid: {ONLY}sparsity, {ONLY}rewind_epoch, {ONLY}arm")
+    return ((only.get("sparsity") is None or math.isclose(arm.sparsity, only["sparsity"]))
+            and (only.get("rewind_epoch") is None or arm.rewind_epoch == only["rewind_epoch"])
+            and (only.get("arm") is None or arm.arm.name == only["arm"]))
+
+
+def build_graph(spec: GridSpec) -> GridGraph:
+    """Parse each distinct config once (as ``experiment`` would), plan it, and merge."""
+    from lightning_lth.cli import make_cli
+    from lightning_lth.experiment.progress import quiet_lightning
+    from lightning_lth.experiment.runner import Runner
+
+    groups: dict[tuple, list[dict]] = {}
+    for params in spec.cells():
+        shared = tuple((n, json.dumps(v)) for n, v in params.items() if not n.startswith(ONLY))
+        groups.setdefault(shared, []).append(params)
+    nodes: dict[str, Node] = {}
+    cells: list[Cell] = []
+    runners = []
+    stores = set()
+    for members in groups.values():
+        shared = {n: v for n, v in members[0].items() if not n.startswith(ONLY)}
+        argv = tuple(spec.argv(shared))
+        with quiet_lightning():
+            runner = Runner(make_cli(list(argv), run=False, command=COMMAND))
+            plan = runner.plan()
+        runners.append(runner)
+        stores.add(runner.store.root.resolve())
+        model = runner.config["model"]
+        weights = plan.rounds[0].prunable
+        unit_of: dict[str, str] = {}
+        for unit in units(plan.stages):
+            head = unit[0]
+            for stage in unit:
+                unit_of[stage.key] = head.key
+            if head.key in nodes:
+                continue
+            inside = {stage.key for stage in unit}
+            needs = {unit_of[read.key] for stage in unit for read in stage.reads()
+                     if read.key not in inside}
+            nodes[head.key] = Node(
+                key=head.key, stages=tuple(s.key for s in unit), kind=head.kind,
+                name=head.name, epochs=sum(s.epochs for s in unit), needs=tuple(sorted(needs)),
+                argv=argv, arch=model["arch"], width=int(model["width"]), weights=weights,
+                done=all(runner.store.status(s) == "done" for s in unit))
+        for params in members:
+            arms = [arm for arm in plan.arms if selects(arm, params)]
+            if not arms:
+                raise LTHError(f"grid cell {params} selects no arm of its study "
+                               f"(sparsities {runner.study.sparsities}, rewind epochs "
+                               f"{runner.study.rewind_epochs}, arms {runner.study.arms})")
+            walked = in_order([plan.dense_a, plan.dense_b, *plan.rounds, plan.match, *arms])
+            cells.append(Cell(params, tuple(dict.fromkeys(unit_of[s.key] for s in walked))))
+    if len(stores) != 1:
+        raise LTHError(f"a grid writes one store; its cells name {len(stores)}: "
+                       f"{', '.join(map(str, sorted(stores)))} (study.store)")
+    return GridGraph(nodes, cells, stores.pop(), runners)
