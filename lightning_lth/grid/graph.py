@@ -7,6 +7,11 @@ plans is the grid's graph. Cells that differ only in ``study.only.*`` (which onl
 arms, and is in no key) share one parsed config and one plan: a 972-cell grid parses 9
 configs, not 972.
 
+Besides what each stage reads, every stage past the shared ones (dense A and B, the IMP
+chain, the matching) waits for the matching, as in ``experiment``, which runs all of them
+before any arm: an arm's record reads both dense nets and the matching
+(``Runner.record``).
+
 A node is one *schedulable unit*: one job runs its stages in order. ``units`` makes one unit
 per stage; it is the one place where stages that must run together (a fused arm group) would
 become one unit.
@@ -158,9 +163,19 @@ def build_graph(spec: GridSpec) -> GridGraph:
         runners.append(runner)
         stores.add(runner.store.root.resolve())
         model = runner.config["model"]
-        weights = plan.rounds[0].prunable
+        shared_stages = [plan.dense_a, plan.dense_b, *plan.rounds, plan.match]
+        walks = []
+        for params in members:
+            arms = [arm for arm in plan.arms if selects(arm, params)]
+            if not arms:
+                raise LTHError(f"grid cell {params} selects no arm of its study "
+                               f"(sparsities {runner.study.sparsities}, rewind epochs "
+                               f"{runner.study.rewind_epochs}, arms {runner.study.arms})")
+            walks.append((params, in_order([*shared_stages, *arms])))  # as `experiment` does
+        shared_keys = {stage.key for stage in in_order(shared_stages)}
+        selected = {stage.key for _, walk in walks for stage in walk}
         unit_of: dict[str, str] = {}
-        for unit in units(plan.stages):
+        for unit in units([stage for stage in plan.stages if stage.key in selected]):
             head = unit[0]
             for stage in unit:
                 unit_of[stage.key] = head.key
@@ -169,19 +184,16 @@ def build_graph(spec: GridSpec) -> GridGraph:
             inside = {stage.key for stage in unit}
             needs = {unit_of[read.key] for stage in unit for read in stage.reads()
                      if read.key not in inside}
+            if not inside & shared_keys:  # see the module docstring
+                needs.add(unit_of[plan.match.key])
             nodes[head.key] = Node(
                 key=head.key, stages=tuple(s.key for s in unit), kind=head.kind,
                 name=head.name, epochs=sum(s.epochs for s in unit), needs=tuple(sorted(needs)),
-                argv=argv, arch=model["arch"], width=int(model["width"]), weights=weights,
+                argv=argv, arch=model["arch"], width=int(model["width"]),
+                weights=plan.rounds[0].prunable,
                 done=all(runner.store.status(s) == "done" for s in unit))
-        for params in members:
-            arms = [arm for arm in plan.arms if selects(arm, params)]
-            if not arms:
-                raise LTHError(f"grid cell {params} selects no arm of its study "
-                               f"(sparsities {runner.study.sparsities}, rewind epochs "
-                               f"{runner.study.rewind_epochs}, arms {runner.study.arms})")
-            walked = in_order([plan.dense_a, plan.dense_b, *plan.rounds, plan.match, *arms])
-            cells.append(Cell(params, tuple(dict.fromkeys(unit_of[s.key] for s in walked))))
+        cells += [Cell(params, tuple(dict.fromkeys(unit_of[s.key] for s in walk)))
+                  for params, walk in walks]
     if len(stores) != 1:
         raise LTHError(f"a grid writes one store; its cells name {len(stores)}: "
                        f"{', '.join(map(str, sorted(stores)))} (study.store)")

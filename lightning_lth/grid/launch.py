@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import submitit
 from lightning_lth.errors import LTHError
 from lightning_lth.grid.graph import GridGraph, GridSpec, build_graph
 from lightning_lth.grid.schedule import ReadyQueue, Slot, bottom_levels
-from lightning_lth.io import load_json
+from lightning_lth.io import load_json, save_json
 
 
 def _runner(argv):
@@ -41,34 +42,90 @@ def _runner(argv):
     return Runner(make_cli(list(argv), run=False, command="experiment"))
 
 
-class UnitJob(submitit.helpers.Checkpointable):
-    """One unit in a worker: its stages (keys) from the plan of ``argv``, run in order."""
+def run_unit(runner, stages: tuple[str, ...]) -> None:
+    """Run these stages (keys) of the runner's plan, in order, over its store."""
+    from lightning_lth.experiment.progress import watch
 
-    def __init__(self, argv: tuple[str, ...], stages: tuple[str, ...],
-                 devices: dict[str, str]):
-        self.argv, self.stages, self.devices = argv, stages, devices
+    plan = {stage.key: stage for stage in runner.plan().stages}
+    missing = [key for key in stages if key not in plan]
+    if missing:
+        raise LTHError(f"stage(s) {', '.join(missing)} are not in the plan of this cell: the "
+                       f"config changed since the grid was built; run the grid again")
+    with watch(runner, "grid", [plan[key] for key in stages]):
+        for key in stages:
+            runner.run(plan[key])
+
+
+def _check_devices(devices: dict[str, str]) -> None:
+    for name, value in devices.items():  # what the driver asked for, or refuse
+        if os.environ.get(name) != value:
+            raise LTHError(f"worker environment {name}={os.environ.get(name)!r}, the driver "
+                           f"set {value!r}")
+
+
+class UnitJob(submitit.helpers.Checkpointable):
+    """A SLURM job: one unit, its stages from the plan of ``argv``. Requeued on preemption
+    or timeout (submitit), the store resumes the stage."""
+
+    def __init__(self, argv: tuple[str, ...], stages: tuple[str, ...]):
+        self.argv, self.stages = argv, stages
 
     def __call__(self) -> tuple[str, ...]:
-        for name, value in self.devices.items():  # what the driver asked for, or refuse
-            if os.environ.get(name) != value:
-                raise LTHError(f"worker environment {name}={os.environ.get(name)!r}, the "
-                               f"driver set {value!r}")
-        from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise, watch
+        from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 
         silence_known_noise()
         with quiet_lightning():
-            runner = _runner(self.argv)
-            plan = {stage.key: stage for stage in runner.plan().stages}
-            missing = [key for key in self.stages if key not in plan]
-            if missing:
-                raise LTHError(f"stage(s) {', '.join(missing)} are not in the plan of "
-                               f"{' '.join(self.argv)}: the config changed since the grid "
-                               f"was built; run the grid again")
-            stages = [plan[key] for key in self.stages]
-            with watch(runner, "grid job", stages):
-                for stage in stages:
-                    runner.run(stage)
+            run_unit(_runner(self.argv), self.stages)
         return self.stages
+
+
+class LocalWorker:
+    """A local worker process: runs the units the driver hands it (``task-<n>.json`` in its
+    folder, answered by ``done-<n>.json``) until told to stop or the driver is gone. One
+    process per worker, not per unit: the imports, the parsed config and the loaded data
+    serve every unit of that config."""
+
+    def __init__(self, folder: Path, driver_pid: int, devices: dict[str, str],
+                 poll_s: float = 0.05):
+        self.folder, self.driver_pid = folder, driver_pid
+        self.devices, self.poll_s = devices, poll_s
+
+    def _driver_alive(self) -> bool:
+        try:
+            os.kill(self.driver_pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def __call__(self) -> int:
+        from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
+
+        _check_devices(self.devices)
+        silence_known_noise()
+        runners: dict[tuple[str, ...], object] = {}
+        count = 0
+        while self._driver_alive():
+            task = self.folder / f"task-{count}.json"
+            if not task.is_file():
+                time.sleep(self.poll_s)
+                continue
+            unit = load_json(task)
+            if unit.get("stop"):
+                break
+            argv = tuple(unit["argv"])
+            try:
+                with quiet_lightning():
+                    if argv not in runners:
+                        runners[argv] = _runner(argv)
+                    run_unit(runners[argv], tuple(unit["stages"]))
+                answer = {"ok": True}
+            except Exception as error:  # reported to the driver, which retries the unit
+                traceback.print_exc()
+                runners.pop(argv, None)
+                answer = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+            save_json(answer, self.folder / f"done-{count}.json")
+            count += 1
+        return count
 
 
 class RecordsJob(submitit.helpers.Checkpointable):
@@ -118,73 +175,104 @@ class Outcome:
     wall_s: float
 
 
+@dataclass
+class _Slot:
+    """The driver's view of one worker: its process (a submitit job), its folder, the
+    number of its next task, and the unit it runs (key, start time)."""
+
+    job: submitit.Job
+    folder: Path
+    count: int = 0
+    unit: tuple[str, float] | None = None
+
+
 def run_local(graph: GridGraph, seconds: dict[str, float], workers: list[Worker],
               folder: Path, retries: int = 2, timeout_s: float = 86400.0,
-              poll_s: float = 0.2, say: Callable[[str], None] = print) -> Outcome:
-    """Run every unit left on ``workers``, longest critical path first."""
+              poll_s: float = 0.1, say: Callable[[str], None] = print) -> Outcome:
+    """Run every unit left on ``workers``, longest critical path first. A unit that fails,
+    times out or whose worker dies is retried (its stage resumes) up to ``retries`` times."""
     executor = submitit.LocalExecutor(folder)
     ready = ReadyQueue(graph, bottom_levels(graph, seconds))
-    free = list(range(len(workers)))
-    running: dict[int, tuple[str, submitit.Job, float]] = {}
+    starts = [0] * len(workers)
+
+    def start(index: int) -> _Slot:
+        starts[index] += 1
+        devices = workers[index].devices()
+        executor.update_parameters(
+            timeout_min=timeout_s / 60 + 60,  # the driver's own limit comes first
+            gpus_per_node=0 if workers[index].gpu is None else 1,
+            visible_gpus=() if workers[index].gpu is None else (workers[index].gpu,),
+            setup=[f"export {name}={value}" for name, value in devices.items()])
+        place = folder / f"worker{index}-{starts[index]}"
+        place.mkdir(parents=True, exist_ok=True)
+        return _Slot(executor.submit(LocalWorker(place, os.getpid(), devices)), place)
+
+    pool = [start(index) for index in range(len(workers))]
     tries: dict[str, int] = {}
     slots: list[Slot] = []
     failure: str | None = None
-    started = time.time()
-    total = len(graph.todo())
-    while running or (ready and failure is None):
-        while free and ready and failure is None:
-            key = ready.pop()
-            index = free.pop(0)
-            running[index] = (key, _submit(executor, graph, key, workers[index], timeout_s),
-                              time.time())
-        time.sleep(poll_s)
-        for index, (key, job, began) in list(running.items()):
-            late = time.time() - began > timeout_s
-            if not job.done() and not late:
-                continue
-            if late:
-                job.cancel(check=False)
-            error = "timed out" if late else _failed(job)
-            del running[index]
-            free.append(index)
-            free.sort()
-            node = graph.nodes[key]
-            if error is None:
-                slots.append(Slot(key, index, began - started, time.time() - started))
-                ready.finished(key)
-                say(f"[{len(slots)}/{total}] done {node.name} ({key}) on worker {index} in "
-                    f"{time.time() - began:.1f} s")
-                continue
-            tries[key] = tries.get(key, 0) + 1
-            say(f"worker {index}: {node.name} ({key}) failed ({error}); log "
-                f"{job.paths.stderr}")
-            if tries[key] > retries:
-                failure = f"{node.name} ({key}) failed {tries[key]} times; last: {error}"
+    began_all, total = time.time(), len(graph.todo())
+    try:
+        while failure is None and (ready or any(slot.unit for slot in pool)):
+            for slot in pool:
+                if slot.unit is None and ready:
+                    key = ready.pop()
+                    node = graph.nodes[key]
+                    save_json({"argv": list(node.argv), "stages": list(node.stages)},
+                              slot.folder / f"task-{slot.count}.json")
+                    slot.unit = (key, time.time())
+            time.sleep(poll_s)
+            for index, slot in enumerate(pool):
+                state, error = _check(slot, timeout_s)
+                if state == "gone":  # an idle worker died: a new one in its place
+                    pool[index] = start(index)
+                if state not in ("done", "failed"):
+                    continue
+                key, began = slot.unit
+                node = graph.nodes[key]
+                slot.unit, slot.count = None, slot.count + 1
+                if state == "done":
+                    slots.append(Slot(key, index, began - began_all, time.time() - began_all))
+                    ready.finished(key)
+                    say(f"[{len(slots)}/{total}] done {node.name} ({key}) on worker {index} in "
+                        f"{time.time() - began:.1f} s")
+                    continue
+                tries[key] = tries.get(key, 0) + 1
+                say(f"worker {index}: {node.name} ({key}) failed ({error}); log "
+                    f"{slot.job.paths.stderr}")
+                if not error.startswith("raised"):  # the worker is dead or hangs
+                    pool[index] = start(index)
+                if tries[key] > retries:
+                    failure = f"{node.name} ({key}) failed {tries[key]} times; last: {error}"
+                else:
+                    ready.again(key)
+    finally:
+        for slot in pool:
+            if slot.unit is None and not slot.job.done():
+                save_json({"stop": True}, slot.folder / f"task-{slot.count}.json")
             else:
-                ready.again(key)
+                slot.job.cancel(check=False)
     if failure is not None:
         raise LTHError(f"grid stopped: {failure}. What finished is in the store; run the grid "
                        f"again to continue")
-    return Outcome(slots, tries, time.time() - started)
+    return Outcome(slots, tries, time.time() - began_all)
 
 
-def _submit(executor, graph: GridGraph, key: str, worker: Worker, timeout_s: float):
-    devices = worker.devices()
-    executor.update_parameters(
-        timeout_min=timeout_s / 60 + 5,  # the driver's limit comes first
-        gpus_per_node=0 if worker.gpu is None else 1,
-        visible_gpus=() if worker.gpu is None else (worker.gpu,),
-        setup=[f"export {name}={value}" for name, value in devices.items()])
-    node = graph.nodes[key]
-    return executor.submit(UnitJob(node.argv, node.stages, devices))
-
-
-def _failed(job) -> str | None:
-    """Why a finished local job failed, or None: it raised, or died without a result."""
-    if not job.paths.result_pickle.exists():
-        return "the worker died without a result"
-    error = job.exception()
-    return None if error is None else str(error).strip().splitlines()[-1]
+def _check(slot: _Slot, timeout_s: float) -> tuple[str, str]:
+    """(state, why it failed): "done" or "failed" (its unit), "busy", "idle" or "gone" (an
+    idle worker that died). A worker that hangs past the timeout is cancelled."""
+    answer = slot.folder / f"done-{slot.count}.json"
+    if slot.unit is not None and answer.is_file():
+        result = load_json(answer)
+        return ("done", "") if result["ok"] else ("failed", f"raised {result['error']}")
+    if slot.job.done():
+        return ("failed", "the worker died (killed?)") if slot.unit else ("gone", "")
+    if slot.unit is None:
+        return "idle", ""
+    if time.time() - slot.unit[1] > timeout_s:
+        slot.job.cancel(check=False)
+        return "failed", f"timed out after {timeout_s:.0f} s"
+    return "busy", ""
 
 
 def submit_slurm(graph: GridGraph, spec: GridSpec, order: list[str], seconds: dict[str, float],
@@ -202,7 +290,7 @@ def submit_slurm(graph: GridGraph, spec: GridSpec, order: list[str], seconds: di
         minutes = math.ceil(2 * seconds[key] / 60) + 10
         executor.update_parameters(**{"time": minutes, **parameters,
                                       **_slurm_names(parameters, node.name, after)})
-        jobs[key] = executor.submit(UnitJob(node.argv, node.stages, {})).job_id
+        jobs[key] = executor.submit(UnitJob(node.argv, node.stages)).job_id
         say(f"submitted {node.name} ({key}) as job {jobs[key]}"
             + (f" after {','.join(after)}" if after else ""))
     records = {**parameters, "gpus_per_node": None, "time": 30}

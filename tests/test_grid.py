@@ -1,0 +1,186 @@
+"""The grid: its stage graph, its schedule and the simulator, local runs through submitit
+(real worker processes, a real SIGKILL), and the sbatch scripts submitit would submit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+from test_experiment import tiny_config
+
+from lightning_lth.callbacks import KillSwitch
+from lightning_lth.cli import make_cli
+from lightning_lth.experiment.runner import Runner
+from lightning_lth.grid import schedule
+from lightning_lth.grid.graph import Cell, GridGraph, GridSpec, Node, build_graph, from_sweep
+from lightning_lth.grid.launch import submit_slurm
+
+SWEEPS = REPO / "sweeps"
+NO_WANDB = ("--study.wandb_mode=disabled", "--trainer.logger=false")
+TIMING_AND_PATHS = ("wall_time_s", "finished_at", "connectivity")
+
+
+def stage_counts(sweep: dict) -> int:
+    """Unique stages by hand: per (width, seed) dense A and B, one shared IMP chain (20 % of
+    the live weights per round: the rounds to the highest target), the matching, and each
+    (sparsity, k, arm) cell's arm."""
+    values = {name: spec["values"] for name, spec in sweep["parameters"].items()}
+    rounds = math.ceil(math.log(1 - max(values["study.only.sparsity"])) / math.log(0.8))
+    arms = math.prod(len(values[f"study.only.{n}"]) for n in ("sparsity", "rewind_epoch", "arm"))
+    per_net = len(values["seed_everything"]) * len(values["model.width"])
+    return per_net * (2 + rounds + 1 + arms)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS.glob("*.yaml")
+                                        if not p.stem.endswith("_shared")))
+def test_the_graph_of_each_sweep_file_holds_each_stage_once(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    sweep = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())
+    graph = build_graph(from_sweep(SWEEPS / f"{name}.yaml", [f"--study.store={tmp_path}",
+                                                             *NO_WANDB]))
+    assert len(graph.cells) == math.prod(len(p["values"]) for p in sweep["parameters"].values())
+    assert len(graph.nodes) == stage_counts(sweep)
+    kinds = [node.kind for node in graph.nodes.values()]
+    assert kinds.count("arm") == len(graph.cells)  # one cell, one arm
+    seen = set()
+    for node in graph.nodes.values():  # each after what it reads
+        assert set(node.needs) <= seen
+        seen.add(node.key)
+
+
+def cell_plan(argv: list[str]) -> list:
+    return Runner(make_cli(argv, run=False, command="experiment")).plan().stages
+
+
+def test_the_graph_is_the_union_of_the_cells_plans(tmp_path):
+    config = tiny_config(tmp_path)
+    spec = GridSpec(("--config", str(config)),
+                    {"seed_everything": [0, 1], "study.only.sparsity": [0.5, 0.8],
+                     "study.only.rewind_epoch": [1], "study.only.arm": ["lth", "permuted"]})
+    graph = build_graph(spec)
+    union: dict[str, set[str]] = {}
+    for cell in graph.cells:
+        stages = cell_plan(spec.argv(cell.params))  # each cell parsed and planned alone
+        assert list(cell.units) == [stage.key for stage in stages]  # as its agent walks them
+        match = next(stage.key for stage in stages if stage.kind == "match")
+        for stage in stages:  # and an arm's record reads the matching
+            union[stage.key] = {read.key for read in stage.reads()} | (
+                {match} if stage.kind == "arm" else set())
+    assert {key: set(node.needs) for key, node in graph.nodes.items()} == union
+
+
+def hand_graph() -> GridGraph:
+    """Two seeds; per seed: dense a (2) and b (2), IMP r (3) on a, match m (1) on a and b,
+    two arms (1 each) on r and m; four cells, two per seed."""
+    nodes, cells = {}, []
+    for seed in ("", "2"):
+        def add(name, epochs, *needs, seed=seed):
+            nodes[name + seed] = Node(
+                key=name + seed, stages=(name + seed,), kind=name, name=name + seed,
+                epochs=epochs, needs=tuple(n + seed for n in needs), argv=(), arch="mlp",
+                width=1, weights=1, done=False)
+        add("a", 2), add("b", 2), add("r", 3, "a"), add("m", 1, "a", "b")
+        add("x", 1, "r", "m"), add("y", 1, "r", "m")
+        cells += [Cell({}, tuple(k + seed for k in ("a", "b", "r", "m", arm))) for arm in "xy"]
+    return GridGraph(nodes, cells, Path("unused"))
+
+
+def test_schedule_and_simulator_match_a_hand_computed_graph():
+    graph = hand_graph()
+    seconds = schedule.epochs_only().seconds(graph)
+    assert schedule.bottom_levels(graph, seconds)["a"] == 2 + 3 + 1
+    # By hand, 2 workers, longest path first (ties: grid order): a | a2 at 0, b | r at 2,
+    # b2 at 4, r2 at 5, m at 6, m2 at 7, x | y at 8, x2 | y2 at 9: done at 10.
+    slots = schedule.schedule(graph, seconds, 2)
+    assert {s.key: s.start for s in slots} == {
+        "a": 0, "a2": 0, "b": 2, "r": 2, "b2": 4, "r2": 5, "m": 6, "m2": 7, "x": 8, "y": 8,
+        "x2": 9, "y2": 9}
+    assert schedule.makespan(slots) == 10 == schedule.lower_bound(graph, seconds, 2)
+    # W&B order: both agents take a seed-1 cell; one computes a, b, r, m while the other
+    # waits on each lock, then each trains its arm (done at 9); the same again for seed 2.
+    wandb = schedule.wandb_order(graph, seconds, 2)
+    assert schedule.makespan(wandb) == 18
+    assert [(s.key, s.start) for s in wandb if s.worker == 1] == [("y", 8), ("y2", 17)]
+
+
+def test_slurm_jobs_are_submitted_with_dependencies_and_resources(tmp_path, monkeypatch):
+    """submitit's SlurmExecutor looks for `srun` and calls `sbatch <script>`: stand-ins on
+    PATH; sbatch keeps each script and answers as sbatch does."""
+    bin_dir, kept = tmp_path / "bin", tmp_path / "scripts"
+    bin_dir.mkdir(), kept.mkdir()
+    for name, body in (("srun", "exit 1"), ("sbatch", f"n=$(ls {kept} | wc -l); n=$((n + 100))"
+                                            f"\ncp \"$1\" {kept}/$n.sh\n"
+                                            f"echo \"Submitted batch job $n\"")):
+        tool = bin_dir / name
+        tool.write_text(f"#!/bin/sh\n{body}\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = tiny_config(tmp_path)
+    spec = GridSpec(("--config", str(config)), {"study.only.arm": ["lth", "permuted"]})
+    graph = build_graph(spec)
+    seconds = schedule.epochs_only().seconds(graph)
+    order = schedule.priority_order(graph, seconds)
+    jobs = submit_slurm(graph, spec, order, seconds, tmp_path / "jobs",
+                        {"partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8},
+                        say=lambda line: None)
+    scripts = {int(p.stem): p.read_text() for p in kept.glob("*.sh")}
+    assert len(scripts) == len(graph.nodes) + 1  # and the records job
+    by_id = {int(job): key for key, job in jobs.items()}
+    for job_id, text in scripts.items():
+        flags = dict(line[len("#SBATCH --"):].partition("=")[::2] for line in text.splitlines()
+                     if line.startswith("#SBATCH --"))
+        key = by_id[job_id]
+        needs = (graph.nodes[key].needs if key != "records" else list(graph.nodes))
+        after = sorted(int(jobs[n]) for n in needs)
+        if after:
+            kind, _, ids = flags["dependency"].partition(":")
+            assert kind == "afterok" and sorted(map(int, ids.split(":"))) == after
+            assert flags["kill-on-invalid-dep"] == "yes"
+            assert all(a < job_id for a in after)  # submitted after what it needs
+        else:
+            assert "dependency" not in flags
+        assert flags["partition"] == "gpu" and flags["cpus-per-task"] == "8"
+        assert flags.get("gpus-per-node") == (None if key == "records" else "1")
+        assert int(flags["time"]) >= 10 and flags["signal"].startswith("USR2@")
+        assert "submitit.core._submit" in text  # the pickled job runs through submitit
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return sorted(({k: v for k, v in row.items() if k not in TIMING_AND_PATHS} for row in rows),
+                  key=lambda row: row["key"])
+
+
+def test_two_local_workers_survive_a_killed_worker_and_equal_the_serial_run(tmp_path):
+    """Two CPU workers (one torch thread each) run a small grid while dense B's worker is
+    SIGKILLed after its first epoch: the driver retries it, the store resumes it, every stage
+    is computed once, and the records equal a serial `experiment` run's."""
+    config = tiny_config(tmp_path, sparsities=[0.2])
+    cells = ("--study.only.rewind_epoch=1",)
+    serial_store, grid_store = tmp_path / "serial", tmp_path / "grid"
+    serial = run_cli("experiment", "--config", config, f"--study.store={serial_store}",
+                     "--study.arms=[lth,permuted]", *cells, cwd=tmp_path)  # the same 2 arms
+    assert serial.returncode == 0, serial.stderr[-2000:]
+    grid = run_cli("grid", "--config", str(config), "--vary", "study.only.arm=[lth,permuted]",
+                   "--workers", "2", "--threads", "1", f"--study.store={grid_store}", *cells,
+                   cwd=tmp_path, env={KillSwitch.ENV: "dense B@1:end"})
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    assert "failed (the worker died (killed?))" in grid.stdout
+    log = [json.loads(line) for line in (grid_store / "events.log").read_text().splitlines()]
+    computed = [e["key"] for e in log if e["event"] == "compute"]
+    assert len(computed) == len(set(computed)) == 6  # A, B, one IMP round, match, 2 arms
+    (resumed,) = [e for e in log if e["event"] == "resume"]
+    assert resumed["key"].startswith("mlp-w1-fashion_mnist-seed1000")  # dense B
+    (killed,) = [e["pid"] for e in log if e["key"] == resumed["key"] and e["event"] == "compute"]
+    assert killed != resumed["pid"]  # resumed by the worker that replaced the killed one
+    assert len({e["pid"] for e in log}) == 3  # two workers, one replacement
+    rows = [json.loads(line) for line in (grid_store / "results.jsonl").read_text().splitlines()]
+    alone = [json.loads(line)
+             for line in (serial_store / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and comparable(rows) == comparable(alone)
+    assert {row["num_threads"] for row in rows} == {1}
