@@ -52,6 +52,10 @@ def test_the_graph_of_each_sweep_file_holds_each_stage_once(name, tmp_path, monk
     for node in graph.nodes.values():  # each after what it reads
         assert set(node.needs) <= seen
         seen.add(node.key)
+    # phase 1 of the W&B sweeps computes exactly the stages the cells share
+    shared = build_graph(from_sweep(SWEEPS / f"{name}_shared.yaml",
+                                    [f"--study.store={tmp_path}", *NO_WANDB]))
+    assert set(shared.nodes) == {key for key, node in graph.nodes.items() if node.kind != "arm"}
 
 
 def cell_plan(argv: list[str]) -> list:

@@ -17,6 +17,9 @@ from lightning_lth.cli import main
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 GRID_SIZES = {"resnet20_cifar10": 972, "resnet20_cifar100": 972, "vgg11_cifar10": 252,
               "demo_fmnist": 36}
+# Phase 1 of each: one run per (width, seed) computing the shared stages, no arm.
+GRID_SIZES.update({f"{name}_shared": size for name, size in (
+    ("resnet20_cifar10", 9), ("resnet20_cifar100", 9), ("vgg11_cifar10", 3), ("demo_fmnist", 3))})
 
 
 def load(name: str) -> dict:
@@ -63,6 +66,10 @@ def test_sampled_cells_resolve_through_the_cli(name, tmp_path, capsys, monkeypat
         out = capsys.readouterr()
         assert code == 0, out.err[-2000:]
         plan = json.loads(out.out[out.out.index("{"):])
+        if name.endswith("_shared"):
+            assert plan["cells"] == []
+            assert {s["stage"] for s in plan["stages"]} == {"dense", "imp", "match"}
+            continue
         (cell,) = plan["cells"]
         params = dict(zip(keys, values, strict=True))
         assert cell["arm"] == params["study.only.arm"]

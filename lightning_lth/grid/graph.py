@@ -167,7 +167,7 @@ def build_graph(spec: GridSpec) -> GridGraph:
         walks = []
         for params in members:
             arms = [arm for arm in plan.arms if selects(arm, params)]
-            if not arms:
+            if plan.arms and not arms:  # (a study without arms is a sweep's phase 1)
                 raise LTHError(f"grid cell {params} selects no arm of its study "
                                f"(sparsities {runner.study.sparsities}, rewind epochs "
                                f"{runner.study.rewind_epochs}, arms {runner.study.arms})")
