@@ -1,0 +1,91 @@
+"""Grid makespans: W&B grid order (N agents, each cell's stages in order, waiting on locks)
+against the stage-graph schedule (longest critical path first), and the lower bound
+max(critical path, total / N), on the paper's ResNet20 CIFAR-10 sweep (sweeps/*.yaml, the
+real epoch counts; no training, no data). Goal: schedule <= 1.1 x the lower bound.
+
+Two costs: every epoch 1 (makespans in epochs, as the issue asks), and a width-w epoch
+costing its prunable weights over width 1's (an epoch's work grows with the weights; an
+estimate, not a measurement).
+
+``--validate SERIAL_STORE GRID_STORE GRID_ARGS...``: the simulator against a measured run: each
+stage's time from the serial run's events.log, scheduled on ``--workers`` as the grid did,
+against the grid run's own span (first compute to last done in its events.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from lightning_lth.experiment.store import stage_times
+from lightning_lth.grid import schedule
+from lightning_lth.grid.command import grid_spec, parser
+from lightning_lth.grid.graph import build_graph, from_sweep
+
+NO_LOGS = ["--trainer.logger=false", "--study.wandb_mode=disabled", "--trainer.accelerator=cpu"]
+
+
+def paper_grid(sweep: str) -> None:
+    with tempfile.TemporaryDirectory() as empty:
+        graph = build_graph(from_sweep(sweep, [f"--study.store={empty}", *NO_LOGS]))
+    per_width = schedule.Costs(epoch_seconds={
+        (node.arch, node.width): node.weights / min(
+            n.weights for n in graph.nodes.values() if n.arch == node.arch)
+        for node in graph.nodes.values()})
+    print(f"{sweep}: {len(graph.cells)} cells, {len(graph.nodes)} unique stages")
+    for label, costs in (("epochs", schedule.epochs_only()),
+                         ("width-1 epochs, a width-w epoch ~ its weights", per_width)):
+        seconds = costs.seconds(graph)
+        print(f"  makespan in {label}; total {sum(seconds.values()):.0f}")
+        print(f"  {'N':>4} {'W&B order':>12} {'schedule':>12} {'lower bound':>12} "
+              f"{'sched/bound':>12} {'W&B/sched':>10}")
+        for workers in (8, 32):
+            wandb = schedule.makespan(schedule.wandb_order(graph, seconds, workers))
+            ours = schedule.makespan(schedule.schedule(graph, seconds, workers))
+            bound = schedule.lower_bound(graph, seconds, workers)
+            print(f"  {workers:>4} {wandb:>12.0f} {ours:>12.0f} {bound:>12.0f} "
+                  f"{ours / bound:>12.3f} {wandb / ours:>10.2f}")
+
+
+def span(store: Path) -> float:
+    events = [json.loads(line) for line in (store / "events.log").read_text().splitlines()]
+    return (max(e["time"] for e in events if e["event"] == "done")
+            - min(e["time"] for e in events if e["event"] == "compute"))
+
+
+def validate(serial: Path, ran: Path, grid_args: list[str]) -> None:
+    args, overrides = parser().parse_known_args(grid_args)
+    with tempfile.TemporaryDirectory() as empty:
+        graph = build_graph(grid_spec(args, [*overrides, f"--study.store={empty}"]))
+    measured = {key: seconds for (_, key), seconds in stage_times(serial).items()}
+    missing = [key for node in graph.nodes.values() for key in node.stages
+               if key not in measured]
+    if missing:
+        sys.exit(f"the serial store has no time for {len(missing)} stage(s), e.g. {missing[0]}")
+    seconds = schedule.Costs(stage_seconds=measured).seconds(graph)
+    workers = args.workers or 1
+    predicted = schedule.makespan(schedule.schedule(graph, seconds, workers))
+    wandb = schedule.makespan(schedule.wandb_order(graph, seconds, workers))
+    actual = span(ran)
+    print(f"serial stage times: total {sum(seconds.values()):.1f} s ({len(seconds)} stages)")
+    print(f"{workers} workers: simulated {predicted:.1f} s, measured {actual:.1f} s "
+          f"(measured / simulated {actual / predicted:.3f}); W&B order simulated {wandb:.1f} s")
+
+
+def main() -> None:
+    bench = argparse.ArgumentParser(description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--sweep", default="sweeps/resnet20_cifar10.yaml")
+    bench.add_argument("--validate", nargs=2, metavar=("SERIAL_STORE", "GRID_STORE"))
+    args, grid_args = bench.parse_known_args()
+    if args.validate:
+        validate(Path(args.validate[0]), Path(args.validate[1]), grid_args)
+    else:
+        paper_grid(args.sweep)
+
+
+if __name__ == "__main__":
+    main()
