@@ -56,10 +56,10 @@ COMMANDS = {
              "plan --config configs/demo_fmnist.yaml --json"),
     "grid": ("a whole grid of studies as one stage graph, on local workers or SLURM",
              "Builds the graph of every stage of every cell of a sweep file (or a config with "
-             "--vary), each shared stage once, and runs it longest critical path first: one "
-             "submitit job per stage, on local workers (one per GPU, or CPU processes) or as "
-             "SLURM jobs with dependencies. The store says what is done: run it again to "
-             "resume. --dry_run prints the schedule and the estimated makespan.",
+             "--vary), each shared stage once, and runs it longest critical path first, "
+             "through submitit: on local worker processes (one per GPU, or N on the CPU) or "
+             "as one SLURM job per stage with dependencies. The store says what is done: run "
+             "it again to resume. --dry_run prints the schedule and the estimated makespan.",
              "grid --sweep sweeps/demo_fmnist.yaml --workers 2 --dry_run"),
     "report": ("tables, figures and report.html from the arms' results",
                "Reads <store>/results.jsonl (or --results, or --wandb_project) and writes "

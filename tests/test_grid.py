@@ -188,3 +188,6 @@ def test_two_local_workers_survive_a_killed_worker_and_equal_the_serial_run(tmp_
              for line in (serial_store / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and comparable(rows) == comparable(alone)
     assert {row["num_threads"] for row in rows} == {1}
+    spec = GridSpec(("--config", str(config)), {"study.only.arm": ["lth", "permuted"]},
+                    (f"--study.store={grid_store}", *cells))
+    assert build_graph(spec).todo() == []  # a second invocation has nothing left to run

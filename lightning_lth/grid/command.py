@@ -22,15 +22,15 @@ def parser() -> argparse.ArgumentParser:
     from lightning_lth.cli import help_kwargs
 
     kwargs = help_kwargs("grid")
-    kwargs.pop("usage")
-    out = argparse.ArgumentParser(**kwargs)
+    out = argparse.ArgumentParser(prog=kwargs["prog"], description=kwargs["description"],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     source = out.add_mutually_exclusive_group(required=True)
     source.add_argument("--sweep", help="a W&B grid sweep file (sweeps/*.yaml)")
     source.add_argument("--config", help="a study config; vary it with --vary")
     out.add_argument("--vary", action="append", default=[], metavar="NAME=[V1,V2]",
                      help="with --config: a config key and its values (YAML list); repeatable")
     out.add_argument("--executor", choices=("local", "slurm"), default="local")
-    out.add_argument("--dry_run", action="store_true",
+    out.add_argument("--dry_run", "--dry-run", action="store_true",
                      help="print the schedule and the estimated makespan; run nothing")
     out.add_argument("--workers", type=int, default=None,
                      help="local workers (default: one per visible GPU, else 1)")

@@ -191,6 +191,8 @@ def run_local(graph: GridGraph, seconds: dict[str, float], workers: list[Worker]
               poll_s: float = 0.1, say: Callable[[str], None] = print) -> Outcome:
     """Run every unit left on ``workers``, longest critical path first. A unit that fails,
     times out or whose worker dies is retried (its stage resumes) up to ``retries`` times."""
+    if not graph.todo():
+        return Outcome([], {}, 0.0)
     executor = submitit.LocalExecutor(folder)
     ready = ReadyQueue(graph, bottom_levels(graph, seconds))
     starts = [0] * len(workers)
