@@ -156,6 +156,9 @@ def write_records(graph: GridGraph) -> int:
     return written
 
 
+WORKER_LIFETIME_MIN = 60 * 24 * 30  # submitit's limit on a local worker: the whole grid
+
+
 @dataclass(frozen=True)
 class Worker:
     """One local worker slot: its GPU (None on CPU) and its torch threads."""
@@ -201,7 +204,7 @@ def run_local(graph: GridGraph, seconds: dict[str, float], workers: list[Worker]
         starts[index] += 1
         devices = workers[index].devices()
         executor.update_parameters(
-            timeout_min=timeout_s / 60 + 60,  # the driver's own limit comes first
+            timeout_min=WORKER_LIFETIME_MIN,  # per unit, the driver's own limit applies
             gpus_per_node=0 if workers[index].gpu is None else 1,
             visible_gpus=() if workers[index].gpu is None else (workers[index].gpu,),
             setup=[f"export {name}={value}" for name, value in devices.items()])
@@ -210,6 +213,7 @@ def run_local(graph: GridGraph, seconds: dict[str, float], workers: list[Worker]
         return _Slot(executor.submit(LocalWorker(place, os.getpid(), devices)), place)
 
     pool = [start(index) for index in range(len(workers))]
+    lost = [0] * len(workers)  # idle workers that died: a worker that cannot start
     tries: dict[str, int] = {}
     slots: list[Slot] = []
     failure: str | None = None
@@ -227,6 +231,11 @@ def run_local(graph: GridGraph, seconds: dict[str, float], workers: list[Worker]
             for index, slot in enumerate(pool):
                 state, error = _check(slot, timeout_s)
                 if state == "gone":  # an idle worker died: a new one in its place
+                    lost[index] += 1
+                    if lost[index] > retries:
+                        failure = (f"worker {index} died {lost[index]} times between stages; "
+                                   f"its log: {slot.job.paths.stderr}")
+                        break
                     pool[index] = start(index)
                 if state not in ("done", "failed"):
                     continue
