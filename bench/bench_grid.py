@@ -7,9 +7,9 @@ Two costs: every epoch 1 (makespans in epochs, as the issue asks), and a width-w
 costing its prunable weights over width 1's (an epoch's work grows with the weights; an
 estimate, not a measurement).
 
-``--validate SERIAL_STORE GRID_STORE GRID_ARGS...``: the simulator against a measured run: each
-stage's time from the serial run's events.log, scheduled on ``--workers`` as the grid did,
-against the grid run's own span (first compute to last done in its events.log).
+``--validate GRID_STORE [--serial SERIAL_STORE] GRID_ARGS...``: the simulator against a
+measured run: each stage's time from a store's events.log, scheduled on ``--workers`` as the
+grid did, against the grid run's span (first compute to last done in its events.log).
 """
 
 from __future__ import annotations
@@ -56,33 +56,41 @@ def span(store: Path) -> float:
             - min(e["time"] for e in events if e["event"] == "compute"))
 
 
-def validate(serial: Path, ran: Path, grid_args: list[str]) -> None:
+def validate(ran: Path, serial: Path | None, grid_args: list[str]) -> None:
+    """Simulate the grid's schedule with each stage's time from a store, against the grid
+    run's measured span: with the run's own stage times (the simulator), and with a serial
+    run's (what running two workers at once cost each stage on this machine)."""
     args, overrides = parser().parse_known_args(grid_args)
     with tempfile.TemporaryDirectory() as empty:
         graph = build_graph(grid_spec(args, [*overrides, f"--study.store={empty}"]))
-    measured = {key: seconds for (_, key), seconds in stage_times(serial).items()}
-    missing = [key for node in graph.nodes.values() for key in node.stages
-               if key not in measured]
-    if missing:
-        sys.exit(f"the serial store has no time for {len(missing)} stage(s), e.g. {missing[0]}")
-    seconds = schedule.Costs(stage_seconds=measured).seconds(graph)
-    workers = args.workers or 1
-    predicted = schedule.makespan(schedule.schedule(graph, seconds, workers))
-    wandb = schedule.makespan(schedule.wandb_order(graph, seconds, workers))
-    actual = span(ran)
-    print(f"serial stage times: total {sum(seconds.values()):.1f} s ({len(seconds)} stages)")
-    print(f"{workers} workers: simulated {predicted:.1f} s, measured {actual:.1f} s "
-          f"(measured / simulated {actual / predicted:.3f}); W&B order simulated {wandb:.1f} s")
+    workers, actual = args.workers or 1, span(ran)
+    print(f"{workers} workers, measured span (first compute to last done): {actual:.1f} s")
+    for label, store in (("the grid run's own stage times", ran), ("serial stage times", serial)):
+        if store is None:
+            continue
+        measured = {key: seconds for (_, key), seconds in stage_times(store).items()}
+        missing = [key for node in graph.nodes.values() for key in node.stages
+                   if key not in measured]
+        if missing:
+            sys.exit(f"{store} has no time for {len(missing)} stage(s), e.g. {missing[0]}")
+        seconds = schedule.Costs(stage_seconds=measured).seconds(graph)
+        ours = schedule.makespan(schedule.schedule(graph, seconds, workers))
+        wandb = schedule.makespan(schedule.wandb_order(graph, seconds, workers))
+        print(f"  with {label} (total {sum(seconds.values()):.1f} s): simulated schedule "
+              f"{ours:.1f} s (measured / simulated {actual / ours:.3f}); W&B order {wandb:.1f} s")
 
 
 def main() -> None:
-    bench = argparse.ArgumentParser(description=__doc__,
+    bench = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--sweep", default="sweeps/resnet20_cifar10.yaml")
-    bench.add_argument("--validate", nargs=2, metavar=("SERIAL_STORE", "GRID_STORE"))
+    bench.add_argument("--validate", metavar="GRID_STORE", type=Path,
+                       help="a grid run's store; the grid's own arguments follow")
+    bench.add_argument("--serial", metavar="SERIAL_STORE", type=Path,
+                       help="with --validate: a serial run's store of the same grid")
     args, grid_args = bench.parse_known_args()
     if args.validate:
-        validate(Path(args.validate[0]), Path(args.validate[1]), grid_args)
+        validate(args.validate, args.serial, grid_args)
     else:
         paper_grid(args.sweep)
 
