@@ -15,7 +15,7 @@ from conftest import REPO, run_cli
 from test_experiment import tiny_config
 
 from lightning_lth.callbacks import KillSwitch
-from lightning_lth.cli import make_cli
+from lightning_lth.cli import main, make_cli
 from lightning_lth.experiment.runner import Runner
 from lightning_lth.grid import schedule
 from lightning_lth.grid.graph import Cell, GridGraph, GridSpec, Node, build_graph, from_sweep
@@ -56,6 +56,18 @@ def test_the_graph_of_each_sweep_file_holds_each_stage_once(name, tmp_path, monk
     shared = build_graph(from_sweep(SWEEPS / f"{name}_shared.yaml",
                                     [f"--study.store={tmp_path}", *NO_WANDB]))
     assert set(shared.nodes) == {key for key, node in graph.nodes.items() if node.kind != "arm"}
+
+
+def test_dry_run_prints_every_stage_and_the_makespans(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["grid", "--sweep", "sweeps/demo_fmnist.yaml", "--workers", "2", "--dry-run",
+                 f"--study.store={tmp_path}", *NO_WANDB]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.split()[:1] and line.split()[0].isdigit()]
+    assert len(rows) == 93 and len({row.split()[-1] for row in rows}) == 93
+    assert any(line.startswith("estimated makespan:") and "W&B grid order" in line
+               for line in out)
+    assert not (tmp_path / "events.log").exists()  # nothing ran
 
 
 def cell_plan(argv: list[str]) -> list:
