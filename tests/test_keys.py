@@ -84,6 +84,7 @@ EXPECTED: dict[str, Expect] = {
     "study.wandb_project": NOTHING,
     "study.wandb_mode": exact(set(), value="offline"),
     "study.resume": NOTHING,
+    "study.fuse": exact(set(), value=3),  # float-tolerance only; recorded (fused)
     "study.seed_b_offset": exact({"dense B", "match", "arm naive", "arm permuted"}, value=7),
     "study.prune": exact({"imp"} | ARMS),
     "study.prune.include": exact({"imp"} | ARMS, value=["*.weight", "layers.*"]),

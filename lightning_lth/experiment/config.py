@@ -76,6 +76,9 @@ class Study:
     sparse: SparseSettings = field(default_factory=SparseSettings)
     only: OnlyCells = field(default_factory=OnlyCells)
     resume: ResumeSettings = field(default_factory=ResumeSettings)
+    # Arms trained side by side as one stacked model, this many per group (arms of one k);
+    # 1: one after another; None: the training device's default (runner.FUSE_DEFAULT).
+    fuse: int | None = None
     wandb_project: str = "lightning_lth"
     wandb_mode: str = "auto"  # auto: online when logged in, else offline; or online/offline/disabled
     # Explicit inputs instead of the store's stages (files you already have). The arms rewind

@@ -52,6 +52,9 @@ EXCLUDED: dict[str, str] = {
     "study.weights_b": "a file input, keyed by its checksum where it is read",
     "study.mask": "a file input, keyed by its checksum where it is read",
     "study.resume": "checkpoint cadence; resume is exact",
+    "study.fuse": "how arms are batched: a fused member equals its alone run to float "
+                  "tolerance (tests/test_fused.py), like the thread count; the group size is "
+                  "recorded in each record (fused), and an arm finished either way is reused",
     "study.wandb_project": "logging",
     "study.wandb_mode": "logging",
 }

@@ -33,6 +33,7 @@ from lightning_lth.experiment.config import (
 )
 from lightning_lth.experiment.stages import (
     ARMS,
+    ArmGroup,
     ArmStage,
     DenseStage,
     ImpRound,
@@ -40,6 +41,7 @@ from lightning_lth.experiment.stages import (
     SnapshotStage,
     Stage,
     WeightsRef,
+    fusable,
 )
 from lightning_lth.experiment.tracking import wandb_mode
 from lightning_lth.io import file_sha256
@@ -99,6 +101,17 @@ class Plan:
     def epochs(self) -> int:
         return sum(stage.epochs for stage in self.stages)
 
+    def arm_groups(self, size: int) -> list[ArmGroup]:
+        """The arms in groups that can train fused (one data order, one schedule: every arm
+        of one k), in plan order, each of at most ``size`` (1: every arm alone)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise LTHError(f"study.fuse must be an integer >= 1 (1: arms alone), got {size!r}")
+        by_order: dict[tuple, list[ArmStage]] = {}
+        for arm in self.arms:
+            by_order.setdefault(fusable(arm), []).append(arm)
+        return [ArmGroup(tuple(arms[start:start + size])) for arms in by_order.values()
+                for start in range(0, len(arms), size)]
+
 
 def _check_study(config: dict, study: Study, epochs: int) -> None:
     seed = config.get("seed_everything")
@@ -122,6 +135,10 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
         raise LTHError(f"unknown matching method {study.match.method!r}; valid: "
                        f"{', '.join(MATCH_METHODS)}")
     wandb_mode(study.wandb_mode)
+    if study.fuse is not None and (isinstance(study.fuse, bool) or not isinstance(study.fuse, int)
+                                   or study.fuse < 1):
+        raise LTHError(f"study.fuse must be an integer >= 1 (1: arms alone) or null (the "
+                       f"device's default), got {study.fuse!r}")
     imp.check_targets(study.sparsities)
     check_rewind_epochs(study.rewind_epochs, epochs)
     for k in study.rewind_epochs:

@@ -45,6 +45,9 @@ class Record:
     barrier_loss_after_repair: float | None = None
     barrier_error_before_repair: float | None = None
     barrier_error_after_repair: float | None = None
+    # The size of the fused group the arm trained in (lightning_lth.fused); 1: alone. Records
+    # of releases before fusion lack it: they trained alone.
+    fused: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,12 +25,17 @@ from lightning_lth.experiment import keys
 from lightning_lth.experiment.plan import Plan, build_plan, in_order, resolve, study_settings
 from lightning_lth.experiment.progress import EpochClock, StudyProgress, plan_table, watch
 from lightning_lth.experiment.results import RESULTS_FILE, Record, append_record
-from lightning_lth.experiment.stages import ArmStage, DenseStage, Stage, WeightsRef
+from lightning_lth.experiment.stages import ArmGroup, ArmStage, DenseStage, Stage, WeightsRef
 from lightning_lth.experiment.store import CHECKPOINTS, Store, stage_times
 from lightning_lth.experiment.tracking import Tracking
 from lightning_lth.io import load_json, write_atomic
 from lightning_lth.module import LTHModule, load_snapshot, load_weights
 from lightning_lth.sparsity.mask import Mask
+
+# study.fuse when it is not set, per training device type: the group size (1: arms train
+# one after another). Measured by bench/bench_fused.py (README, "Fused arms"): on CPU the
+# fused group was slower than the arms one after another; on CUDA not measured yet, so off.
+FUSE_DEFAULT = {"cpu": 1, "cuda": 1}
 
 # Trainer arguments the runner sets itself for every stage.
 RUNNER_SETS = ("logger", "callbacks", "max_epochs", "default_root_dir", "enable_checkpointing",
@@ -97,12 +102,22 @@ class Runner:
         wandb = self.tracking.logger(stage, stage.kind if not isinstance(stage, ArmStage)
                                      else stage.arm.name, wandb_config or {})
         loggers += [wandb] if wandb is not None else []
+        return self._trainer([stage], work, max_epochs, callbacks, loggers)
+
+    def group_trainer(self, group: ArmGroup, work: Path, max_epochs: int,
+                      callbacks=()) -> L.Trainer:
+        """A fused group's trainer: its members log through ``callbacks`` (``MemberLogs``)."""
+        return self._trainer(list(group.members), work, max_epochs, callbacks, False)
+
+    def _trainer(self, stages: list[Stage], work: Path, max_epochs: int, callbacks,
+                 loggers) -> L.Trainer:
         resume = self.study.resume
         callbacks = [*callbacks, ResumePoints(work / CHECKPOINTS, resume.every_n_steps,
                                               resume.every_minutes)]
-        kill = KillSwitch.for_stage(stage.name)
-        callbacks += [kill] if kill is not None else []
-        callbacks.append(EpochClock(self.view, stage))  # the study's view shows the steps
+        kills = [KillSwitch.for_stage(stage.name) for stage in stages]
+        callbacks += [kill for kill in kills if kill is not None]
+        # the study's view shows the steps
+        callbacks += [EpochClock(self.view, stage) for stage in stages]
         return L.Trainer(**self.trainer_args, max_epochs=max_epochs, logger=loggers,
                          callbacks=callbacks, default_root_dir=work, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=self.summary,
@@ -143,6 +158,36 @@ class Runner:
             self.view.finished(stage)
         return folder
 
+    def run_group(self, group: ArmGroup) -> None:
+        """Train the group's unfinished members as one fused model (``Store.run_group``)."""
+        for member in group.members:
+            for needed in member.reads():
+                self.run(needed)
+        views = []
+
+        def compute(pending, works, group_work, resume):
+            fused = ArmGroup(tuple(pending))
+            for member in pending:
+                self.view.started(member, resume)
+            views.extend(pending)
+            fused.compute(self, works, group_work, resume)
+
+        self.store.run_group(list(group.members), lambda pending: ArmGroup(tuple(pending)).key,
+                             compute)
+        for member in views:
+            self.view.finished(member)
+
+    def fuse_size(self) -> int:
+        """How many arms train as one fused group: ``study.fuse``, else the default of the
+        training device's type (``FUSE_DEFAULT``); 1 under DDP (fused groups are one process)."""
+        multi = _processes(self.trainer_args) > 1
+        if self.study.fuse is None:
+            return 1 if multi else FUSE_DEFAULT[self.device().type]
+        if multi and self.study.fuse > 1:
+            raise LTHError(f"study.fuse={self.study.fuse} trains a group in one process; under "
+                           f"DDP set study.fuse=1")
+        return self.study.fuse
+
     def weights(self, ref: WeightsRef) -> Path:
         return self.run(ref.stage) / ref.path if ref.stage else Path(ref.path)
 
@@ -173,7 +218,7 @@ class Runner:
             connectivity=str((match_dir / "connectivity.json").resolve()),
             wall_time_s=result["wall_time_s"], key=arm.key,
             config_hash=keys.config_hash(self.config), num_threads=result["num_threads"],
-            device=result["device"],
+            device=result["device"], fused=result.get("fused", 1),
             finished_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             **({f"barrier_{kind}_{when}_repair": repair[side][f"{kind}_barrier"]
                 for kind in ("loss", "error")
@@ -182,7 +227,10 @@ class Runner:
     def experiment(self) -> list[Record]:
         started = time.time()
         plan = self.plan()
-        for stage in plan.stages:
+        for group in plan.arm_groups(self.fuse_size()):
+            if len(group.members) > 1:
+                self.run_group(group)
+        for stage in plan.stages:  # everything else; a finished member is only verified
             self.run(stage)
         records = []
         for arm in plan.arms:
@@ -203,6 +251,20 @@ class Runner:
                   "key": a.key, "status": self.store.status(a), "epochs": a.epochs}
                  for a in plan.arms]
         return {"stages": stages, "cells": cells, "epochs": plan.epochs}
+
+
+def _processes(trainer_args: dict) -> int:
+    """How many processes the trainer settings start (DDP: one per device and node)."""
+    devices = trainer_args.get("devices", "auto")
+    nodes = int(trainer_args.get("num_nodes") or 1)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif str(devices).strip().lstrip("-").isdigit():
+        count = int(devices)
+        count = max(torch.cuda.device_count(), 1) if count == -1 else count
+    else:  # "auto": every GPU, or one CPU process
+        count = max(torch.cuda.device_count(), 1)
+    return count * nodes
 
 
 def run_command(command: str, cli, as_json: bool = False) -> int:

@@ -22,11 +22,15 @@ from typing import ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_lth.callbacks import RewindSnapshots, snapshot_name
 from lightning_lth.errors import LTHError
+from lightning_lth.experiment.keys import digest
+from lightning_lth.fused import FusedArms, MemberLogs
 from lightning_lth.io import load_json, load_tensors, save_json, save_tensors
 from lightning_lth.models import example_input
+from lightning_lth.module import LTHModule
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.connectivity import compare_naive_matched, plot_interpolation
@@ -310,10 +314,9 @@ class ArmStage(Stage):
                 "rewind_epoch": self.rewind_epoch, "seed": self.seed, "width": hp["width"],
                 "model": hp["arch"], "dataset": ctx.config["data"]["dataset"]}
 
-    def compute(self, ctx, work, resume):
-        started = time.time()
+    def member(self, ctx) -> LTHModule:
+        """The module this arm trains: its rewind snapshot, its (permuted) mask."""
         sparse = ctx.study.sparse
-        L.seed_everything(ctx.order_seed(*self.order()))
         module = ctx.module(lr=sparse.lr, momentum=sparse.momentum,
                             weight_decay=sparse.weight_decay,
                             init_weights=str(ctx.weights(self.init)),
@@ -326,18 +329,74 @@ class ArmStage(Stage):
         mask.check_fits(module.net, hp["arch"], hp["width"])
         ctx.dist.ranks_agree(f"the {self.arm.name} mask", mask.tensors)
         module.mask = mask
+        return module
+
+    def save(self, ctx, work: Path, state: dict, mask: Mask, metrics: dict, wall_time_s: float,
+             fused: int, trainer: L.Trainer | None) -> None:
+        """The arm's outputs; ``fused``: the size of the group it trained in (1: alone)."""
+        if not ctx.dist.is_writer:
+            return
+        mask.save(work / "mask.pt")
+        save_tensors({"state_dict": state, "epoch": ctx.epochs,
+                      "meta": {"arm": self.arm.name}}, work / "final.pt")
+        save_json({**metrics, "wall_time_s": wall_time_s,
+                   "num_threads": torch.get_num_threads(), "device": str(ctx.device()),
+                   "order_seed": ctx.order_seed(*self.order()), "fused": fused,
+                   # val/acc in logs/ is test accuracy only when this is 0
+                   "val_split": ctx.datamodule.val_split},
+                  work / "result.json")
+        if trainer is not None:
+            ctx.tracking.summary(trainer, ctx.record(self, load_json(work / "result.json"))
+                                 .to_dict())
+
+    def compute(self, ctx, work, resume):
+        started = time.time()
+        L.seed_everything(ctx.order_seed(*self.order()))
+        module = self.member(ctx)
         trainer = ctx.trainer(self, work, self.epochs, (), self.wandb_config(ctx))
         ctx.fit(trainer, module, self, resume)
         metrics = ctx.test(trainer, module)
-        if ctx.dist.is_writer:
-            mask.save(work / "mask.pt")
-            save_tensors({"state_dict": _state(module.net), "epoch": ctx.epochs,
-                          "meta": {"arm": self.arm.name}}, work / "final.pt")
-            save_json({**metrics, "wall_time_s": time.time() - started,
-                       "num_threads": torch.get_num_threads(), "device": str(ctx.device()),
-                       "order_seed": ctx.order_seed(*self.order()),
-                       # val/acc in logs/ is test accuracy only when this is 0
-                       "val_split": ctx.datamodule.val_split},
-                      work / "result.json")
-            record = ctx.record(self, load_json(work / "result.json"))
-            ctx.tracking.summary(trainer, record.to_dict())
+        self.save(ctx, work, _state(module.net), module.mask, metrics, time.time() - started,
+                  fused=1, trainer=trainer)
+
+
+def fusable(arm: ArmStage) -> tuple:
+    """What arms must share to train as one fused group: their data order and schedule."""
+    return (arm.order(), arm.epochs)
+
+
+@dataclass(frozen=True)
+class ArmGroup:
+    """Arms trained side by side as one stacked model (``lightning_lth.fused``): one data
+    order, one schedule. Not a stage of the store: each member is its own stage, and the
+    group's resume checkpoint lives in ``<store>/fused/<key>.partial`` (``key``: from the
+    members' keys, so only the same members resume it)."""
+
+    members: tuple[ArmStage, ...]
+
+    @property
+    def key(self) -> str:
+        return digest(sorted(arm.key for arm in self.members))
+
+    @property
+    def name(self) -> str:
+        return f"fused {len(self.members)} arms k={self.members[0].rewind_epoch}"
+
+    def compute(self, ctx, works: dict[str, Path], group_work: Path, resume: str | None):
+        """Train every member at once; write each member's outputs into ``works[key]``."""
+        started = time.time()
+        first = self.members[0]
+        L.seed_everything(ctx.order_seed(*first.order()))
+        modules = [arm.member(ctx) for arm in self.members]
+        fused = FusedArms(modules, _example(ctx, torch.device("cpu")))
+        logs = MemberLogs([CSVLogger(works[arm.key], name="logs", version="")
+                           for arm in self.members])
+        trainer = ctx.group_trainer(self, group_work, first.epochs, [logs])
+        ctx.fit(trainer, fused, first, resume)
+        trainer.test(fused, ctx.datamodule, verbose=False)
+        share = (time.time() - started) / len(self.members)
+        for index, (arm, module) in enumerate(zip(self.members, modules, strict=True)):
+            test = fused.metrics("test")[index]
+            metrics = {"test_acc": test["test/acc"], "test_loss": test["test/loss"]}
+            arm.save(ctx, works[arm.key], fused.member_state(index), module.mask, metrics,
+                     share, fused=len(self.members), trainer=None)

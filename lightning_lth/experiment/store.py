@@ -35,6 +35,7 @@ from lightning_lth.io import file_sha256, load_json, save_json
 MANIFEST = "MANIFEST.json"
 SETTINGS = "settings.json"
 CHECKPOINTS = "checkpoints"
+GROUPS = "fused"  # <root>/fused/<group key>.partial: a fused group's resume checkpoint
 SCRATCH = (CHECKPOINTS, "logs", "wandb")  # kept with the stage, never checksummed
 
 
@@ -157,6 +158,47 @@ class Store:
                 self.dist.barrier()
         self._verified.add(stage.key)
         return final
+
+    def run_group(self, stages: list[StoredStage], group_key: Callable[[list], str],
+                  compute: Callable[[list, dict[str, Path], Path, str | None], None]) -> None:
+        """Compute stages that train together (a fused group) as one unit, under all their
+        locks: those already finished are left out, and so is one holding its own resume
+        checkpoint (it resumes alone, nothing is lost). ``compute(pending, works, group_work,
+        resume)`` writes each pending stage's outputs into ``works[key]``; the group's resume
+        checkpoint lives in ``<root>/fused/<group_key(pending)>.partial``, so a rerun of the
+        same pending stages continues it. Each stage is then sealed as if computed alone.
+        One process only (fused groups refuse DDP)."""
+        with contextlib.ExitStack() as locks:
+            for stage in sorted(stages, key=lambda s: s.key):
+                locks.enter_context(self.lock(stage))
+            pending = []
+            for stage in stages:
+                self._set_aside_if_corrupt(stage)
+                checkpoint = self.partial_path(stage) / CHECKPOINTS / ResumePoints.FILE
+                if self.status(stage) != "done" and not checkpoint.is_file():
+                    pending.append(stage)
+            if len(pending) < 2:  # nothing to fuse: the runner runs what is left alone
+                return
+            key = group_key(pending)
+            group_work = self.root / GROUPS / f"{key}.partial"
+            resume = self._prepare(group_work)
+            works = {}
+            for stage in pending:
+                works[stage.key] = work = self.partial_path(stage)
+                if resume:  # its logs so far belong to the checkpoint's trajectory
+                    work.mkdir(parents=True, exist_ok=True)
+                    _drop_temporaries(work)
+                else:
+                    self._prepare(work)
+                point = Path(resume).with_suffix(".json") if resume else None
+                self.log_event("resume" if resume else "compute", stage, group=key,
+                               fused=len(pending),
+                               **(load_json(point) if point and point.is_file() else {}))
+            compute(pending, works, group_work, resume)
+            for stage in pending:
+                self._seal(stage, works[stage.key])
+                self._verified.add(stage.key)
+            shutil.rmtree(group_work, ignore_errors=True)
 
     def _follow(self, stage: StoredStage) -> dict:
         """A DDP rank's view before the process group exists. Rank 0 started this rank from

@@ -1,0 +1,249 @@
+"""Fused arms: a group of sparse nets of one architecture trained side by side as one model.
+
+Arms that rewind to the same k see the same batches (one data order) and follow the same
+schedule (T - k epochs, the same SGD settings), so a group of them can run as one stacked
+model that sees each batch once: fewer, larger kernels and one Lightning step for the group.
+
+Mechanism: ``torch.func`` -- the members' parameters and buffers stacked along a new first
+dimension (``stack_module_state``), one forward as ``vmap`` of ``functional_call`` over a
+stateless copy of the net. Chosen over hand-written grouped convolutions / batched matmuls
+because it fuses any ``nn.Module`` the project can build (MLP, ResNet with BatchNorm, VGG, a
+user's model) without a per-model rewrite, and its batching rules already lower a vmapped
+convolution to a grouped one and a vmapped linear layer to a batched matmul (the measured
+costs are in the README's fusion section). BatchNorm buffers are stacked too and updated in
+place under ``vmap``, so each member keeps its own running statistics. A model ``vmap``
+cannot run (data-dependent control flow, BatchNorm with ``momentum=None``, random layers)
+is refused when the group is built, before any training.
+
+Per member the math is the alone run's: the loss is the sum of the members' mean losses, so
+each member's gradient is its own loss's; SGD with momentum and weight decay acts element by
+element, so one optimizer over the stacked tensors is each member's own optimizer (its
+momentum buffer is its slice); the cosine schedule is shared because the members share T - k.
+Masks are stacked bool tensors: gradients are masked by a hook and the weights re-masked
+after every optimizer step, as in ``LTHModule``. Only the kernels differ (a batched matmul
+instead of a matmul), so members equal their alone runs to float tolerance, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from lightning_lth.errors import LTHError
+from lightning_lth.module import LTHModule
+
+# The hyperparameters members must share to train as one model.
+SHARED = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs", "lr",
+          "momentum", "weight_decay", "schedule", "schedule_epochs")
+SPLITS = ("train", "val", "test")
+
+
+def _slot(name: str) -> str:
+    """A dotted parameter name as a registrable attribute name."""
+    return name.replace(".", ":")
+
+
+class FusedArms(L.LightningModule):
+    """``len(members)`` nets as one stacked model; ``members`` are ready ``LTHModule``s (their
+    snapshot's weights loaded, their mask set). ``member_state(i)`` gives member i's net's
+    state dict; ``metrics(split)`` each member's accuracy and mean loss over the split."""
+
+    def __init__(self, members: Sequence[LTHModule], example: torch.Tensor):
+        super().__init__()
+        if len(members) < 2:
+            raise LTHError(f"a fused group needs at least 2 members, got {len(members)}")
+        first = members[0].hparams
+        for member in members[1:]:
+            differ = [name for name in SHARED if member.hparams.get(name) != first.get(name)]
+            if differ:
+                raise LTHError(f"arms differ in {', '.join(differ)}: they cannot train as one "
+                               f"fused group")
+        if first.get("compile") or first.get("channels_last"):
+            raise LTHError("model.compile and model.channels_last are not supported with "
+                           "fused arms; set study.fuse=1")
+        masks = [member.mask for member in members]
+        if any(mask is None for mask in masks) or len({tuple(sorted(m.tensors)) for m in masks}) > 1:
+            raise LTHError("fused arms need one mask each, over the same parameters")
+        self.hparams.update({name: first.get(name) for name in SHARED})
+        self.size = len(members)
+        # The stateless copy functional_call runs (meta: no memory); not a submodule, so it
+        # is neither in the state dict nor moved between devices.
+        object.__setattr__(self, "_template", copy.deepcopy(members[0].net).to("meta"))
+        params, buffers = stack_module_state([member.net for member in members])
+        self.names = list(params)
+        self.buffer_names = list(buffers)
+        self.stacked = nn.Module()
+        for name, value in params.items():
+            self.stacked.register_parameter(_slot(name), nn.Parameter(value.detach().clone()))
+        for name, value in buffers.items():
+            self.stacked.register_buffer(_slot(name), value.clone())
+        self.mask_names = sorted(masks[0].tensors)
+        self.masks = nn.Module()  # fixed inputs, not state: rebuilt from the files on resume
+        for name in self.mask_names:
+            self.masks.register_buffer(_slot(name), torch.stack([m.tensors[name] for m in masks]),
+                                       persistent=False)
+        self.member_masks = masks
+        self._sums = {split: torch.zeros(self.size, 3, dtype=torch.float64) for split in SPLITS}
+        self._hooks: list = []
+        self._check_fusable(example)
+
+    # -- the stacked model ----------------------------------------------------------------
+    def _stacked_params(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self.stacked, _slot(name)) for name in self.names}
+
+    def _stacked_buffers(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self.stacked, _slot(name)) for name in self.buffer_names}
+
+    def _member(self, params, buffers, images):
+        return functional_call(self._template, (params, buffers), (images,))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Every member's logits for one batch: members x batch x classes."""
+        return vmap(self._member, in_dims=(0, 0, None))(self._stacked_params(),
+                                                        self._stacked_buffers(), images)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._template.train(mode)  # functional_call runs the template's BatchNorm mode
+        return self
+
+    def _check_fusable(self, example: torch.Tensor) -> None:
+        """One forward and backward on the example batch with copies of the buffers."""
+        params = {name: value.detach().clone().requires_grad_()
+                  for name, value in self._stacked_params().items()}
+        buffers = {name: value.clone() for name, value in self._stacked_buffers().items()}
+        images = torch.cat([example, example])  # BatchNorm needs more than one image
+        try:
+            self._template.train()
+            logits = vmap(self._member, in_dims=(0, 0, None))(params, buffers, images)
+            logits.sum().backward()
+        except Exception as error:  # whatever vmap refuses: name it, and the way out
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise LTHError(f"model {self.hparams.arch!r} cannot be fused with torch.func.vmap "
+                           f"({type(error).__name__}: {first[:200]}); set study.fuse=1") from None
+        if logits.shape[:2] != (self.size, len(images)):
+            raise LTHError(f"model {self.hparams.arch!r} cannot be fused: vmap gave logits of "
+                           f"shape {tuple(logits.shape)}; set study.fuse=1")
+
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Member ``index``'s net as a state dict (the keys of ``net.state_dict()``), on CPU."""
+        state = {name: getattr(self.stacked, _slot(name))[index].detach().cpu().clone()
+                 for name in self.names + self.buffer_names}
+        return {name: state[name] for name in self._template.state_dict()}
+
+    # -- the fixed masks ------------------------------------------------------------------
+    def _mask_pairs(self):
+        return [(getattr(self.stacked, _slot(name)), getattr(self.masks, _slot(name)))
+                for name in self.mask_names]
+
+    def on_fit_start(self) -> None:
+        for handle in self._hooks:  # left by a fit that raised
+            handle.remove()
+        self._hooks.clear()
+        pairs = self._mask_pairs()
+        self._remask(pairs)
+        for param, keep in pairs:
+            self._hooks.append(param.register_hook(lambda grad, keep=keep: grad * keep))
+        for optimizer in self.trainer.optimizers:
+            self._hooks.append(optimizer.register_step_post_hook(
+                lambda *_: self._remask(pairs)))
+
+    @staticmethod
+    @torch.no_grad()
+    def _remask(pairs) -> None:
+        for param, keep in pairs:
+            param.mul_(keep)
+
+    def on_fit_end(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    # -- steps and per-member metrics -------------------------------------------------------
+    def _step(self, batch, split: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)  # members x batch x classes
+        losses = F.cross_entropy(logits.transpose(1, 2), labels.expand(self.size, -1),
+                                 reduction="none").mean(dim=1)
+        with torch.no_grad():
+            correct = (logits.argmax(dim=2) == labels).sum(dim=1)
+            count = torch.full_like(losses, len(labels))
+            step = torch.stack([correct.to(losses.dtype), losses * len(labels), count], dim=1)
+            sums = self._sums[split]
+            if sums.device != step.device:
+                sums = self._sums[split] = sums.to(step.device)
+            sums.add_(step)
+        return losses.sum()  # each member's gradient is its own mean loss's
+
+    def _reset(self, split: str) -> None:
+        self._sums[split] = torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
+
+    def metrics(self, split: str) -> list[dict[str, float]]:
+        """Each member's ``<split>/acc`` and ``<split>/loss`` (mean per image) so far."""
+        sums = self._sums[split].cpu()
+        return [{f"{split}/acc": float(correct / count), f"{split}/loss": float(loss / count)}
+                for correct, loss, count in sums.tolist()] if sums[0, 2] > 0 else \
+            [{} for _ in range(self.size)]
+
+    def on_train_epoch_start(self) -> None:
+        self._reset("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset("test")
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        """``LTHModule``'s optimizer and schedule, over the stacked tensors."""
+        return LTHModule.configure_optimizers(self)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise LTHError("fused arms train in one process; set study.fuse=1 under DDP")
+
+
+class MemberLogs(L.Callback):
+    """Each member's epoch metrics into its own loggers (the CSV an arm trained alone writes:
+    ``lr``, ``sparsity``, ``train/*`` and ``val/*`` per epoch). Put it before ``ResumePoints``:
+    an epoch's rows are written before its resume checkpoint."""
+
+    def __init__(self, loggers: Sequence[Logger]):
+        self.loggers = list(loggers)
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.ckpt_path is None:
+            for logger, mask in zip(self.loggers, pl_module.member_masks, strict=True):
+                logger.log_metrics({"sparsity/global": mask.sparsity(), **{
+                    f"sparsity/{name}": value for name, value in mask.layer_sparsity().items()}},
+                    step=0)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]  # the epoch's, as LTHModule logs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        rows = zip(pl_module.metrics("train"), pl_module.metrics("val"), pl_module.member_masks,
+                   strict=True)
+        for logger, (train, val, mask) in zip(self.loggers, rows, strict=True):
+            train = {name.replace("train/loss", "train/loss_epoch"): value  # LTHModule's names
+                     for name, value in train.items()}
+            logger.log_metrics({"epoch": trainer.current_epoch, "lr": self.lr,
+                                "sparsity": mask.sparsity(), **train, **val},
+                               step=trainer.global_step - 1)
+            logger.save()
