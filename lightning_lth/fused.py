@@ -106,13 +106,10 @@ class FusedArms(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Every member's logits for one batch: members x batch x classes."""
+        if self._template.training != self.training:  # BatchNorm's mode, as this module's:
+            self._template.train(self.training)  # Lightning sets .training, not train()
         return vmap(self._member, in_dims=(0, 0, None))(self._stacked_params(),
                                                         self._stacked_buffers(), images)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._template.train(mode)  # functional_call runs the template's BatchNorm mode
-        return self
 
     def _check_fusable(self, example: torch.Tensor) -> None:
         """One forward and backward on the example batch with copies of the buffers."""
@@ -228,6 +225,7 @@ class MemberLogs(L.Callback):
         self.loggers = list(loggers)
 
     def on_train_start(self, trainer, pl_module):
+        self.on_train_epoch_start(trainer, pl_module)  # a fit resumed mid-epoch skips that hook
         if trainer.ckpt_path is None:
             for logger, mask in zip(self.loggers, pl_module.member_masks, strict=True):
                 logger.log_metrics({"sparsity/global": mask.sparsity(), **{
