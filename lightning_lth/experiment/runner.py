@@ -166,11 +166,10 @@ class Runner:
         views = []
 
         def compute(pending, works, group_work, resume):
-            fused = ArmGroup(tuple(pending))
             for member in pending:
                 self.view.started(member, resume)
             views.extend(pending)
-            fused.compute(self, works, group_work, resume)
+            ArmGroup(tuple(pending)).compute(self, works, group_work, resume)
 
         self.store.run_group(list(group.members), lambda pending: ArmGroup(tuple(pending)).key,
                              compute)
@@ -262,6 +261,8 @@ def _processes(trainer_args: dict) -> int:
     elif str(devices).strip().lstrip("-").isdigit():
         count = int(devices)
         count = max(torch.cuda.device_count(), 1) if count == -1 else count
+    elif trainer_args.get("accelerator") == "cpu":  # "auto" devices on a CPU: one process
+        count = 1
     else:  # "auto": every GPU, or one CPU process
         count = max(torch.cuda.device_count(), 1)
     return count * nodes
