@@ -1,9 +1,16 @@
 """The LightningModule: the net (registered or a dotted path), SGD + cosine, metrics, a fixed mask.
 
 With a mask, sparse training keeps every pruned weight exactly 0.0: the weights are zeroed
-when fit starts, a gradient hook zeroes their gradients, and a hook after every optimizer
-step re-masks the weights (momentum and weight decay cannot revive them). The mask is one
-bool tensor per pruned parameter; no second copy of the weights is kept.
+when fit starts, a hook zeroes their gradients as soon as they are accumulated, and a hook
+after every optimizer step re-masks the weights (momentum and weight decay cannot revive
+them). The mask is one bool tensor per pruned parameter; while fitting, each is held once
+more as 0.0/1.0 in the parameter's dtype, since multiplying by a bool tensor converts it at
+every call (on a CPU ~50x the multiply itself); the products are the same.
+
+Per-step Python work is kept to the forward, the loss and the metric updates: metrics are
+logged once per epoch, the training loss per step only at the steps the loggers write
+(``trainer.log_every_n_steps``). A Lightning ``log`` call per step costs more than a small
+net's whole step.
 """
 
 from __future__ import annotations
@@ -11,17 +18,20 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_lth.errors import LTHError
+from lightning_lth.graphs import GraphedStep
 from lightning_lth.io import load_tensors
 from lightning_lth.models import build_model
 from lightning_lth.sparsity.mask import Mask
 
 SCHEDULES = ("cosine", "constant")
+GRAPH_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+_told_no_cuda: set[str] = set()  # devices the CUDA-graph fallback was reported for
 
 
 def load_snapshot(path: str) -> dict[str, torch.Tensor]:
@@ -41,13 +51,23 @@ def load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source: st
         raise LTHError(f"weights in {source} do not fit the model: {first[0].strip()}") from None
 
 
+SPLITS = ("train", "val", "test")
+
+
 def _split_metrics(num_classes: int) -> nn.ModuleDict:
     """``<split>_acc`` and ``<split>_loss`` (the mean loss per image) for train, val and test:
     metric objects, so under DDP their epoch values combine every rank's images exactly."""
-    return nn.ModuleDict({f"{split}_{name}": metric for split in ("train", "val", "test")
+    return nn.ModuleDict({f"{split}_{name}": metric for split in SPLITS
                           for name, metric in (
                               ("acc", MulticlassAccuracy(num_classes, average="micro")),
                               ("loss", MeanMetric(nan_strategy="disable")))})
+
+
+def _grad_masker(keep: torch.Tensor):
+    """A post-accumulate-grad hook: the parameter's gradient times ``keep``, in place."""
+    def mask_grad(param: torch.Tensor) -> None:
+        param.grad.mul_(keep)
+    return mask_grad
 
 
 class LTHModule(L.LightningModule):
@@ -56,7 +76,7 @@ class LTHModule(L.LightningModule):
                  lr: float = 0.08, momentum: float = 0.9, weight_decay: float = 5e-4,
                  schedule: str = "cosine", init_weights: str | None = None,
                  mask: str | None = None, channels_last: bool = False, compile: bool = False,
-                 schedule_epochs: int | None = None):
+                 schedule_epochs: int | None = None, cuda_graphs: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if schedule not in SCHEDULES:
@@ -80,6 +100,33 @@ class LTHModule(L.LightningModule):
             self.net.compile()
         self.metrics = _split_metrics(num_classes)
         self._hooks: list = []
+        self._graphed: GraphedStep | None = None
+
+    # -- CUDA graphs (model.cuda_graphs) ----------------------------------------------------
+    @property
+    def automatic_optimization(self) -> bool:
+        """False for a CUDA-graphed fit: the graph takes the optimizer step itself."""
+        return not self._graphs_on()
+
+    def _graphs_on(self) -> bool:
+        """``model.cuda_graphs`` on a CUDA device (elsewhere the step runs eagerly)."""
+        trainer = getattr(self, "_trainer", None)
+        if not self.hparams.get("cuda_graphs") or trainer is None or \
+                trainer.strategy.root_device.type != "cuda":
+            return False
+        if trainer.gradient_clip_val or trainer.accumulate_grad_batches != 1:
+            raise LTHError(f"model.cuda_graphs captures a plain step: trainer.gradient_clip_val="
+                           f"{trainer.gradient_clip_val} and trainer.accumulate_grad_batches="
+                           f"{trainer.accumulate_grad_batches} are not allowed with it (allowed: "
+                           f"null/0 and 1)")
+        if trainer.world_size != 1:
+            raise LTHError(f"model.cuda_graphs runs on one device, not under DDP ("
+                           f"{trainer.world_size} ranks); set model.cuda_graphs=false")
+        if trainer.precision not in GRAPH_PRECISIONS:
+            raise LTHError(f"model.cuda_graphs does not capture trainer.precision="
+                           f"{trainer.precision} (its loss scaler steps on the CPU); allowed: "
+                           f"{', '.join(GRAPH_PRECISIONS)}")
+        return True
 
     def forward(self, x):
         if self.hparams.channels_last:
@@ -88,23 +135,28 @@ class LTHModule(L.LightningModule):
 
     # -- the fixed mask -------------------------------------------------------------------
     def _mask_pairs(self):
+        """(parameter, its mask as 0.0/1.0 in the parameter's dtype and device)."""
         params = dict(self.net.named_parameters())
-        return [(params[name], keep.to(params[name].device)) for name, keep in
-                self.mask.tensors.items()]
+        return [(params[name], keep.to(params[name].device, params[name].dtype))
+                for name, keep in self.mask.tensors.items()]
 
     def on_fit_start(self) -> None:
         for handle in self._hooks:  # left by a fit that raised: it never reached on_fit_end
             handle.remove()
         self._hooks.clear()
+        device = self.trainer.strategy.root_device
+        if self.hparams.get("cuda_graphs") and not self._graphs_on() and \
+                device.type not in _told_no_cuda:
+            _told_no_cuda.add(device.type)
+            rank_zero_warn(f"model.cuda_graphs: training on {device.type}, not CUDA: every "
+                           f"step runs eagerly (same numbers)")
         if self.mask is None:
             return
         self.mask.check_fits(self.net, self.hparams.arch, self.hparams.width)
         pairs = self._mask_pairs()
-        with torch.no_grad():
-            for param, keep in pairs:
-                param.mul_(keep)
-        for param, keep in pairs:
-            self._hooks.append(param.register_hook(lambda grad, keep=keep: grad * keep))
+        self._remask(pairs)
+        for param, keep in pairs:  # after accumulation, before DDP reduces or clipping reads it
+            self._hooks.append(param.register_post_accumulate_grad_hook(_grad_masker(keep)))
         for optimizer in self.trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(
                 lambda *_: self._remask(pairs)))
@@ -119,28 +171,67 @@ class LTHModule(L.LightningModule):
     @staticmethod
     @torch.no_grad()
     def _remask(pairs) -> None:
-        for param, keep in pairs:
-            param.mul_(keep)
+        if pairs:
+            torch._foreach_mul_([param for param, _ in pairs], [keep for _, keep in pairs])
+
+    def on_train_start(self) -> None:
+        # Here, after a resume has restored the optimizer: the graph must see its final state.
+        if not self._graphs_on():
+            return
+        optimizer, device = self.trainer.optimizers[0], self.trainer.strategy.root_device
+        for group in optimizer.param_groups:  # a restored learning rate may be a float/on CPU
+            if not (torch.is_tensor(group["lr"]) and group["lr"].device == device):
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self._graphed = GraphedStep(self, optimizer, device)
 
     def on_fit_end(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._graphed = None
 
     # -- steps ----------------------------------------------------------------------------
     def _step(self, batch, split: str):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        accuracy, mean_loss = self.metrics[f"{split}_acc"], self.metrics[f"{split}_loss"]
-        accuracy.update(logits, labels)
-        # The batch mean once per image: weighted by the batch size. A forward call, not
-        # update: it also holds this batch's value, which the per-step train log reads.
-        mean_loss(loss.detach().expand(len(labels)))
-        on_step = split == "train"
-        self.log(f"{split}/loss", mean_loss, on_step=on_step, on_epoch=True, prog_bar=True)
-        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        self.metrics[f"{split}_acc"].update(logits.detach(), labels)
+        # The batch mean once per image: weighted by the batch size.
+        self.metrics[f"{split}_loss"].update(loss.detach().expand(len(labels)))
+        # Lightning's own test of "the loggers write at this step" (log_every_n_steps).
+        if split == "train" and self.trainer._logger_connector.should_update_logs:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False,
+                     prog_bar=True)
         return loss
+
+    def _log_epoch(self, split: str) -> None:
+        """The split's epoch values, then its metrics emptied for the next epoch. ``compute``
+        combines every rank's images under DDP; a split that saw no batch logs nothing."""
+        for name in ("acc", "loss"):
+            metric = self.metrics[f"{split}_{name}"]
+            if not metric.update_called:
+                continue
+            # train/loss also has a per-step column (train/loss_step)
+            column = f"{split}/{name}" + ("_epoch" if (split, name) == ("train", "loss") else "")
+            # batch_size=1: the value is logged once, so Lightning's epoch mean is the value.
+            self.log(column, metric.compute(), on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=1)
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        if self._graphed is None:
+            self._log_epoch("train")
+            return
+        loss, accuracy, images = self._graphed.take_sums()
+        if images:
+            self.log("train/loss_epoch", loss, prog_bar=True)
+            self.log("train/acc", accuracy, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def on_train_epoch_start(self) -> None:
         # Once per epoch, not per step: per-step Python work is what slows a fast GPU.
@@ -149,7 +240,19 @@ class LTHModule(L.LightningModule):
             self.log("sparsity", self.mask.sparsity(), prog_bar=True)
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        if self._graphed is None:
+            return self._step(batch, "train")
+        optimizer = self.optimizers()
+        optimizer._on_before_step()  # Lightning's step count (global_step), as its step() does
+        loss = self._graphed(*batch)
+        optimizer._on_after_step()
+        if self.trainer._logger_connector.should_update_logs:
+            self.log("train/loss_step", loss.clone(), on_step=True, on_epoch=False,
+                     prog_bar=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and batch_idx + 1 == self.trainer.num_training_batches:
+            scheduler.step()  # where Lightning steps an epoch schedule: before the epoch's checkpoint
+        return None
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -159,8 +262,13 @@ class LTHModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                    weight_decay=hp.weight_decay)
+        if self._graphs_on():  # the graph reads the learning rate from the device
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=torch.tensor(float(hp.lr), device=self.device),
+                momentum=hp.momentum, weight_decay=hp.weight_decay, fused=True)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
+                                        weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
             return optimizer
         # Cosine to 0 over schedule_epochs (default: this fit's max_epochs), stepped once per

@@ -147,7 +147,8 @@ def test_masked_weights_stay_zero_after_every_step(case):
         assert check.dead_grad_nonzero == 0  # the gradient hook zeroed them
     assert check.kept_weights_moved(module.net, module.mask)  # training really happened
     # the hooks are gone after fit: without them a masked weight could move again
-    assert all(not p._backward_hooks for p in module.net.parameters())
+    assert all(not p._backward_hooks and not p._post_accumulate_grad_hooks
+               for p in module.net.parameters())
 
 
 def test_masked_weights_stay_zero_when_the_grad_scaler_skips_a_step():
