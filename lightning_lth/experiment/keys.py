@@ -8,8 +8,9 @@ so a new config field is keyed everywhere until someone decides otherwise: the k
 walks every leaf of the config tree and fails on a leaf it has no expectation for.
 
 Settings that change numerics without changing the experiment: ``model.compile``,
-``model.channels_last``, ``trainer.precision``, ``trainer.deterministic`` are config
-leaves, hence keyed; the torch thread count is not a setting and is recorded in every
+``model.channels_last``, ``model.cuda_graphs`` (fused SGD with a device learning rate on a
+GPU; on a CPU it falls back to the eager step, keyed all the same), ``trainer.precision``,
+``trainer.deterministic`` are config leaves, hence keyed; the torch thread count is not a setting and is recorded in every
 record (``num_threads``) instead.
 """
 

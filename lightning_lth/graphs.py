@@ -1,0 +1,93 @@
+"""The training step as one CUDA graph (``model.cuda_graphs``).
+
+On a fast GPU a small net's step is bound by the CPU launching its kernels one by one. Here
+the whole step -- forward, loss, backward with the mask's gradient hooks, the SGD step with
+its re-mask hook, and the epoch's running loss/accuracy sums -- is captured once and then
+replayed with one launch per batch; per step the CPU only copies the batch into the graph's
+input buffers.
+
+What the graph needs, and how it gets it:
+- The learning rate is a device tensor that the schedule fills in place (a float would be
+  baked into the graph); the SGD step is torch's fused kernel, which reads it there.
+- The momentum buffers, cuDNN's algorithm choice and the allocator settle in ``WARMUP``
+  eager steps on a side stream before the capture (those are real training steps).
+- A batch of another shape (an epoch's last, smaller batch) runs the same step eagerly.
+- Autocast (bf16-mixed) is entered with its weight-cast cache off, as capture requires.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WARMUP = 3  # eager steps before the capture
+
+
+class GraphedStep:
+    """One training step of ``net`` with ``optimizer`` (fused SGD, tensor learning rate):
+    eager for the first ``WARMUP`` steps and for odd-shaped batches, else a graph replay.
+
+    ``sums`` holds (sum of per-image losses, correct predictions, images) since the last
+    ``take_sums``: the epoch's training loss and accuracy without a per-step metric call.
+    """
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        self.net, self.optimizer, self.device = net, optimizer, device
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.loss: torch.Tensor | None = None
+        self.eager_steps = 0
+
+    def _autocast(self):
+        kind = self.device.type
+        return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind),
+                              enabled=torch.is_autocast_enabled(kind), cache_enabled=False)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The step's work, on whatever tensors it is given (captured or run eagerly)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits = self.net(images)
+            loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            count = torch.full((), labels.numel(), dtype=torch.float64, device=labels.device)
+            self.sums += torch.stack([loss.detach().double() * count,
+                                      (logits.argmax(1) == labels).sum().double(), count])
+        return loss.detach()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Train on one batch; the batch's mean loss (valid until the next call)."""
+        if self.graph is None and self.eager_steps >= WARMUP:
+            self._capture(images, labels)
+        if self.graph is not None and images.shape == self.inputs[0].shape:
+            self.inputs[0].copy_(images)
+            self.inputs[1].copy_(labels)
+            self.graph.replay()
+            return self.loss
+        self.eager_steps += 1
+        side = torch.cuda.Stream(self.device)  # warm-up steps: off the capture's stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            loss = self._step(images, labels)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return loss
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.inputs = (images.clone(), labels.clone())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self._step(*self.inputs)
+        self.graph = graph  # capturing ran nothing: the caller replays it for this batch
+
+    def take_sums(self) -> tuple[float, float, float]:
+        """(mean loss per image, accuracy, images) since the last call; then zeroed."""
+        loss_sum, correct, count = self.sums.tolist()
+        self.sums.zero_()
+        return (loss_sum / count, correct / count, count) if count else (0.0, 0.0, 0.0)
