@@ -11,7 +11,7 @@ of the last, synchronising the device at both ends. Rounds alternate the two sid
 best of each is kept. Ratio = Lightning / bare (goal: >= 0.95).
 
     python bench/bench_training.py [--device cuda] [--steps 40] [--precision bf16-mixed]
-                                   [--channels-last] [--compile]
+                                   [--channels-last] [--compile] [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def lightning_rate(args, device: torch.device) -> float:
     torch.manual_seed(0)
     module = LTHModule(arch="resnet20", width=1, num_classes=10, lr=LR, momentum=MOMENTUM,
                        weight_decay=WEIGHT_DECAY, schedule="constant",
-                       channels_last=args.channels_last, compile=args.compile)
+                       channels_last=args.channels_last, compile=args.compile,
+                       cuda_graphs=args.cuda_graphs)
     timer = StepTimer(args.warmup, args.steps, device)
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=args.precision,
                         max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,
@@ -132,6 +133,9 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="the Lightning side with model.cuda_graphs (the bare side stays "
+                             "eager: the ratio is what the graph gains)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (default: torch's own choice)")
@@ -149,7 +153,8 @@ def main(argv=None) -> None:
     print(f"ResNet20x1, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
           f", batch {args.batch_size}, precision {args.precision}, channels_last "
-          f"{args.channels_last}, compile {args.compile}, {args.warmup} warm-up + "
+          f"{args.channels_last}, compile {args.compile}, cuda_graphs {args.cuda_graphs}, "
+          f"{args.warmup} warm-up + "
           f"{args.steps} timed steps x {args.rounds} rounds, torch threads "
           f"{torch.get_num_threads()}", flush=True)
     bare = ours = 0.0
