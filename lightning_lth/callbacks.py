@@ -141,6 +141,7 @@ class ResumePoints(L.Callback):
     """
 
     FILE = "last.ckpt"
+    CLOCK_STEPS = 20  # a timed save is at most this many steps late
 
     def __init__(self, dirpath: str | Path, every_n_steps: int | None = None,
                  every_minutes: float | None = 10.0):
@@ -174,7 +175,8 @@ class ResumePoints(L.Callback):
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch's own checkpoint follows
         due = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
-        if self.every_seconds is not None:
+        # The clock every CLOCK_STEPS steps: under DDP rank 0's answer is a collective.
+        if self.every_seconds is not None and trainer.global_step % self.CLOCK_STEPS == 0:
             late = time.monotonic() - self._last_save >= self.every_seconds
             due = due or trainer.strategy.broadcast(late)
         if due:
