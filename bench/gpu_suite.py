@@ -9,8 +9,8 @@ timed and printed as it ends, a failing section reported and the next one run:
    rounds interleaved, best of each)
 3. the same with ``configs/trainer/fast.yaml``'s settings (bf16-mixed, channels_last,
    torch.compile) on every side
-4. fused 12 arms: HOOK for ``bench/bench_fused.py`` (the fused-arms work, another branch):
-   run with ``FUSED_ARGS`` when that file exists, else reported as missing
+4. fused 12 arms: ``bench/bench_fused.py``'s ``compare()`` (the HOOK below), the fused group
+   of 12 ResNet20x1 arms vs the same arms one after another
 5. matching ResNet20x4 over 50 batches / the time of 50 training steps (``bench_matching``)
 
     PYTHONPATH=. python bench/gpu_suite.py            # a CUDA machine: the numbers
@@ -40,14 +40,12 @@ import bench_training  # noqa: E402
 
 from lightning_lth.experiment.progress import silence_known_noise  # noqa: E402
 
-# ---- HOOK: the fused-arms bench (bench/bench_fused.py, the fused-arms branch) -------------
-# Its command line for this suite: 12 ResNet20x1 arms fused, batch 128, synthetic CIFAR
-# shapes, on the suite's device. Adjust here to that script's own options when it lands.
-FUSED_SCRIPT = BENCH / "bench_fused.py"
-FUSED_ARGS = {"gpu": ["--device", "cuda", "--arch", "resnet20", "--arms", "12",
-                      "--batch-size", "128"],
-              "smoke": ["--device", "cpu", "--arch", "mlp", "--arms", "2", "--batch-size", "32",
-                        "--steps", "3"]}
+# ---- HOOK: the fused-arms bench (bench/bench_fused.py) ----------------------------------
+# Its ``compare()`` on 12 ResNet20x1 arms (4 sparsities x 3 arms at k = 1) on synthetic
+# CIFAR-10 files: the fused group vs the same 12 arms one after another, both through the
+# real stage code. Adjust here if that script's options change.
+FUSED_GPU = {"model": "resnet20", "synthetic": True, "accelerator": "gpu", "epochs": 3}
+FUSED_TRAIN_IMAGES = 5000  # what compare(synthetic=True) writes
 # -----------------------------------------------------------------------------------------
 
 SIZES = {  # per mode: the training sides, and the matching bench
@@ -91,13 +89,20 @@ def training_rates(mode: str, device: torch.device, fast: bool) -> dict[str, flo
     return best
 
 
-def fused(mode: str) -> str:
-    if not FUSED_SCRIPT.is_file():
-        return f"missing: {FUSED_SCRIPT.name} is not in this tree (the fused-arms branch)"
-    done = subprocess.run([sys.executable, str(FUSED_SCRIPT), *FUSED_ARGS[mode]],
-                          capture_output=True, text=True, timeout=300)
-    print(done.stdout[-4000:] + done.stderr[-2000:], flush=True)
-    return "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+def fused(mode: str):
+    import bench_fused
+
+    if mode == "smoke":  # wired up, not run: its smallest run takes minutes on a CPU
+        return f"skipped in --smoke (bench_fused.compare found: {callable(bench_fused.compare)})"
+    result = bench_fused.compare(**FUSED_GPU)
+    arm_epochs = result["arm_epochs"]
+    result["fused_images_per_s"] = 12 * arm_epochs * FUSED_TRAIN_IMAGES / result["fused_s"]
+    print(f"  fused 12 arms {result['fused_s']:.1f} s vs one after another "
+          f"{result['sequential_s']:.1f} s: ratio {result['ratio']:.2f} (goal >= 4); "
+          f"{result['fused_images_per_s']:,.0f} img/s over the 12 arms (whole stages: set-up, "
+          f"evaluation and saving included); accuracy check "
+          f"{'passed' if result['check_passed'] else 'FAILED'}", flush=True)
+    return result
 
 
 def graph_tests() -> str:
