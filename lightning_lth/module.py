@@ -262,7 +262,7 @@ class LTHModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        if self._graphs_on():  # the graph reads the learning rate from the device
+        if not self.automatic_optimization:  # a CUDA graph: it reads the lr from the device
             optimizer = torch.optim.SGD(
                 self.parameters(), lr=torch.tensor(float(hp.lr), device=self.device),
                 momentum=hp.momentum, weight_decay=hp.weight_decay, fused=True)
