@@ -18,6 +18,7 @@ from lightning_lth.callbacks import KillSwitch
 from lightning_lth.cli import main, make_cli
 from lightning_lth.experiment.runner import Runner
 from lightning_lth.grid import schedule
+from lightning_lth.grid.command import dry_run
 from lightning_lth.grid.graph import Cell, GridGraph, GridSpec, Node, build_graph, from_sweep
 from lightning_lth.grid.launch import submit_slurm
 
@@ -203,3 +204,68 @@ def test_two_local_workers_survive_a_killed_worker_and_equal_the_serial_run(tmp_
     spec = GridSpec(("--config", str(config)), {"study.only.arm": ["lth", "permuted"]},
                     (f"--study.store={grid_store}", *cells))
     assert build_graph(spec).todo() == []  # a second invocation has nothing left to run
+
+
+def test_a_fused_grid_has_one_unit_per_group_across_cells(tmp_path, capsys):
+    """Cells one per arm (lth, permuted) over S = 0.5, 0.8 and k = 0, 1, study.fuse=3: per k
+    the 4 selected arms form a group of 3 (spanning both cells) and one arm alone; the
+    simulator and the dry run schedule the groups as units."""
+    config = tiny_config(tmp_path, fuse=3)
+    spec = GridSpec(("--config", str(config)), {"study.only.arm": ["lth", "permuted"]})
+    graph = build_graph(spec)
+    plan = graph.runners[0].plan()
+    arms = {arm.key: arm for arm in plan.arms if arm.arm.name in ("lth", "permuted")}
+    fused = [node for node in graph.nodes.values() if node.fused]
+    alone = [node for node in graph.nodes.values() if node.kind == "arm"]
+    assert len(fused) == 2 and len(alone) == 2
+    covered = [key for node in fused + alone for key in node.stages]
+    assert sorted(covered) == sorted(arms)  # every selected arm in exactly one unit
+    for node in fused:
+        members = [arms[key] for key in node.stages]
+        assert len({arm.rewind_epoch for arm in members}) == 1  # one data order per group
+        assert {arm.arm.name for arm in members} == {"lth", "permuted"}  # spans both cells
+        assert node.epochs == sum(arm.epochs for arm in members)
+        assert set(node.needs) == {read.key for arm in members for read in arm.reads()} | {
+            plan.match.key}  # what its members read, and the matching
+    for cell in graph.cells:  # each cell walks the groups holding its arms
+        mine = {key for key, arm in arms.items() if arm.arm.name == cell.params["study.only.arm"]}
+        walked = {key for unit in cell.units for key in graph.nodes[unit].stages}
+        assert mine <= walked and {n.key for n in fused} <= set(cell.units)
+    seconds = schedule.epochs_only().seconds(graph)
+    for node in fused:
+        assert seconds[node.key] == pytest.approx(node.epochs * schedule.FUSED_EPOCH_COST)
+    slots = schedule.schedule(graph, seconds, 2)
+    assert sorted(s.key for s in slots) == sorted(graph.nodes)
+    assert sorted(s.key for s in schedule.wandb_order(graph, seconds, 2)) == sorted(graph.nodes)
+    dry_run(graph, seconds, 2, schedule.epochs_only())
+    out = capsys.readouterr().out
+    assert sum(f"fused 3 arms k={k}" in out for k in (0, 1)) == 2
+    assert f"{len(graph.nodes)} units (2 fused arm groups)" in out
+
+
+def test_two_local_workers_train_a_fused_group_once_equal_to_the_serial_run(tmp_path):
+    """A fused group of 2 arms, one per cell, run by 2 CPU workers: its members are computed
+    once, together (events.log: one group, one process), and the records equal a serial
+    fused `experiment`'s."""
+    config = tiny_config(tmp_path, sparsities=[0.2], fuse=2)
+    cells = ("--study.only.rewind_epoch=1",)
+    serial_store, grid_store = tmp_path / "serial", tmp_path / "grid"
+    serial = run_cli("experiment", "--config", config, f"--study.store={serial_store}",
+                     "--study.arms=[lth,permuted]", *cells, cwd=tmp_path)
+    assert serial.returncode == 0, serial.stderr[-2000:]
+    grid = run_cli("grid", "--config", str(config), "--vary", "study.only.arm=[lth,permuted]",
+                   "--workers", "2", "--threads", "1", f"--study.store={grid_store}", *cells,
+                   cwd=tmp_path)
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    log = [json.loads(line) for line in (grid_store / "events.log").read_text().splitlines()]
+    computed = [e for e in log if e["event"] == "compute"]
+    keys = [e["key"] for e in computed]
+    assert len(keys) == len(set(keys)) == 6  # A, B, one IMP round, match, 2 arms
+    arms = [e for e in computed if e["stage"] == "arm"]
+    assert [e["fused"] for e in arms] == [2, 2]
+    assert len({e["group"] for e in arms}) == 1 and len({e["pid"] for e in arms}) == 1
+    rows = [json.loads(line) for line in (grid_store / "results.jsonl").read_text().splitlines()]
+    alone = [json.loads(line)
+             for line in (serial_store / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and comparable(rows) == comparable(alone)
+    assert {row["fused"] for row in rows} == {2}

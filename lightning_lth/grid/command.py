@@ -43,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
                           "measured from the store")
     out.add_argument("--device", default=None,
                      help="the device name in --epoch_seconds (default: cpu, or the GPU's)")
+    out.add_argument("--fused_epoch_cost", type=float, default=plan_time.FUSED_EPOCH_COST,
+                     help="a fused arm group member's epoch over an epoch trained alone "
+                          "(default %(default).2f: bench_fused on CPU)")
     out.add_argument("--overhead_s", type=float, default=0.0,
                      help="seconds each job spends before training (process, config, data)")
     out.add_argument("--timeout_min", type=float, default=1440.0,
@@ -117,8 +120,11 @@ def summary(graph: GridGraph, seconds: dict[str, float], count: int,
     wandb = plan_time.makespan(plan_time.wandb_order(graph, seconds, count))
     bound = plan_time.lower_bound(graph, seconds, count)
     todo = graph.todo()
-    print(f"grid: {len(graph.cells)} cells, {len(graph.nodes)} unique stages, {len(todo)} to "
-          f"run ({sum(graph.nodes[k].epochs for k in todo)} epochs) on {count} worker(s); "
+    stages = sum(len(node.stages) for node in graph.nodes.values())
+    fused = sum(node.fused for node in graph.nodes.values())
+    print(f"grid: {len(graph.cells)} cells, {stages} unique stages in {len(graph.nodes)} units "
+          f"({fused} fused arm groups), {len(todo)} units to run "
+          f"({sum(graph.nodes[k].epochs for k in todo)} epochs) on {count} worker(s); "
           f"store {graph.store}")
     print(f"estimated makespan: {ours:.0f} s with this schedule; {wandb:.0f} s in W&B grid "
           f"order with {count} agents; lower bound {bound:.0f} s")
@@ -135,7 +141,9 @@ def main(argv: list[str]) -> int:
     pool = workers(args) if args.executor == "local" else []
     configured = (plan_time.load_costs(args.epoch_seconds, device_name(args, pool))
                   if args.epoch_seconds else None)
-    costs = plan_time.measured_costs(graph, configured, args.overhead_s)
+    if args.fused_epoch_cost <= 0:
+        raise LTHError(f"--fused_epoch_cost must be > 0, got {args.fused_epoch_cost}")
+    costs = plan_time.measured_costs(graph, configured, args.overhead_s, args.fused_epoch_cost)
     seconds = costs.seconds(graph)
     count = len(pool) or 1
     if args.dry_run:

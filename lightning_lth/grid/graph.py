@@ -13,8 +13,13 @@ before any arm: an arm's record reads both dense nets and the matching
 (``Runner.record``).
 
 A node is one *schedulable unit*: one job runs its stages in order. ``units`` makes one unit
-per stage; it is the one place where stages that must run together (a fused arm group) would
-become one unit.
+per stage, except a fused arm group (``study.fuse`` > 1, or the device's default: see
+``Runner.fuse_size``), which is one unit whose job trains its members side by side
+(``Runner.run_group``). Groups are formed as ``experiment`` forms them (``Plan.arm_groups``),
+over the arms that the cells of one parsed config select together: a group may span cells
+(e.g. one cell per arm), since those cells share the plan and a group is only a way of
+computing those stages; it never spans parsed configs. The fuse size is decided where the
+graph is built (the driver): give ``study.fuse`` when the jobs run on another device type.
 """
 
 from __future__ import annotations
@@ -23,17 +28,18 @@ import itertools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.plan import in_order
-from lightning_lth.experiment.stages import ArmStage, Stage
+from lightning_lth.experiment.stages import ArmGroup, ArmStage, Stage
 
 ONLY = "study.only."
 COMMAND = "experiment"
+FUSED = "fused"  # the kind of a fused arm group's unit
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,11 @@ class Node:
     weights: int  # prunable weights of the model: how an untimed width's cost is scaled
     done: bool  # finished in the store when the graph was built
 
+    @property
+    def fused(self) -> bool:
+        """A fused arm group: its job trains its stages side by side, not in order."""
+        return self.kind == FUSED
+
 
 @dataclass
 class Cell:
@@ -123,9 +134,19 @@ class GridGraph:
         return [key for key, node in self.nodes.items() if not node.done]
 
 
-def units(stages: Sequence[Stage]) -> list[tuple[Stage, ...]]:
-    """The schedulable units of a plan's stages, in order: one stage each."""
-    return [(stage,) for stage in stages]
+def units(stages: Sequence[Stage], groups: Sequence[ArmGroup] = ()) -> list[tuple[Stage, ...]]:
+    """The schedulable units of a plan's stages, in order: one stage each, except each fused
+    group of ``groups`` (2 or more arms), one unit at its first member's place."""
+    group_of = {arm.key: group for group in groups for arm in group.members}
+    out, placed = [], set()
+    for stage in stages:
+        group = group_of.get(stage.key)
+        if group is None:
+            out.append((stage,))
+        elif group.key not in placed:
+            placed.add(group.key)
+            out.append(group.members)
+    return out
 
 
 def selects(arm: ArmStage, params: dict) -> bool:
@@ -174,9 +195,12 @@ def build_graph(spec: GridSpec) -> GridGraph:
             walks.append((params, in_order([*shared_stages, *arms])))  # as `experiment` does
         shared_keys = {stage.key for stage in in_order(shared_stages)}
         selected = {stage.key for _, walk in walks for stage in walk}
+        chosen = replace(plan, arms=[arm for arm in plan.arms if arm.key in selected])
+        groups = [group for group in chosen.arm_groups(runner.fuse_size())
+                  if len(group.members) > 1]
         unit_of: dict[str, str] = {}
-        for unit in units([stage for stage in plan.stages if stage.key in selected]):
-            head = unit[0]
+        for unit in units([stage for stage in plan.stages if stage.key in selected], groups):
+            head = ArmGroup(unit) if len(unit) > 1 else unit[0]
             for stage in unit:
                 unit_of[stage.key] = head.key
             if head.key in nodes:
@@ -187,7 +211,8 @@ def build_graph(spec: GridSpec) -> GridGraph:
             if not inside & shared_keys:  # see the module docstring
                 needs.add(unit_of[plan.match.key])
             nodes[head.key] = Node(
-                key=head.key, stages=tuple(s.key for s in unit), kind=head.kind,
+                key=head.key, stages=tuple(s.key for s in unit),
+                kind=FUSED if len(unit) > 1 else head.kind,
                 name=head.name, epochs=sum(s.epochs for s in unit), needs=tuple(sorted(needs)),
                 argv=argv, arch=model["arch"], width=int(model["width"]),
                 weights=plan.rounds[0].prunable,

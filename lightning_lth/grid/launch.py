@@ -42,9 +42,12 @@ def _runner(argv):
     return Runner(make_cli(list(argv), run=False, command="experiment"))
 
 
-def run_unit(runner, stages: tuple[str, ...]) -> None:
-    """Run these stages (keys) of the runner's plan, in order, over its store."""
+def run_unit(runner, stages: tuple[str, ...], fused: bool = False) -> None:
+    """Run these stages (keys) of the runner's plan, in order, over its store; ``fused``: they
+    are a fused arm group, trained side by side first (``Runner.run_group``; a member it
+    leaves out, e.g. one resuming its own checkpoint, runs alone after)."""
     from lightning_lth.experiment.progress import watch
+    from lightning_lth.experiment.stages import ArmGroup
 
     plan = {stage.key: stage for stage in runner.plan().stages}
     missing = [key for key in stages if key not in plan]
@@ -52,6 +55,8 @@ def run_unit(runner, stages: tuple[str, ...]) -> None:
         raise LTHError(f"stage(s) {', '.join(missing)} are not in the plan of this cell: the "
                        f"config changed since the grid was built; run the grid again")
     with watch(runner, "grid", [plan[key] for key in stages]):
+        if fused:
+            runner.run_group(ArmGroup(tuple(plan[key] for key in stages)))
         for key in stages:
             runner.run(plan[key])
 
@@ -67,15 +72,15 @@ class UnitJob(submitit.helpers.Checkpointable):
     """A SLURM job: one unit, its stages from the plan of ``argv``. Requeued on preemption
     or timeout (submitit), the store resumes the stage."""
 
-    def __init__(self, argv: tuple[str, ...], stages: tuple[str, ...]):
-        self.argv, self.stages = argv, stages
+    def __init__(self, argv: tuple[str, ...], stages: tuple[str, ...], fused: bool = False):
+        self.argv, self.stages, self.fused = argv, stages, fused
 
     def __call__(self) -> tuple[str, ...]:
         from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 
         silence_known_noise()
         with quiet_lightning():
-            run_unit(_runner(self.argv), self.stages)
+            run_unit(_runner(self.argv), self.stages, self.fused)
         return self.stages
 
 
@@ -117,7 +122,7 @@ class LocalWorker:
                 with quiet_lightning():
                     if argv not in runners:
                         runners[argv] = _runner(argv)
-                    run_unit(runners[argv], tuple(unit["stages"]))
+                    run_unit(runners[argv], tuple(unit["stages"]), unit["fused"])
                 answer = {"ok": True}
             except Exception as error:  # reported to the driver, which retries the unit
                 traceback.print_exc()
@@ -142,7 +147,8 @@ def write_records(graph: GridGraph) -> int:
     """Append each selected arm's record to <store>/results.jsonl (once per key)."""
     from lightning_lth.experiment.results import RESULTS_FILE, append_record
 
-    wanted = {key for cell in graph.cells for key in cell.units}
+    wanted = {stage for cell in graph.cells for unit in cell.units
+              for stage in graph.nodes[unit].stages}
     written = 0
     for runner in graph.runners:
         for arm in runner.plan().arms:
@@ -224,7 +230,8 @@ def run_local(graph: GridGraph, seconds: dict[str, float], workers: list[Worker]
                 if slot.unit is None and ready:
                     key = ready.pop()
                     node = graph.nodes[key]
-                    save_json({"argv": list(node.argv), "stages": list(node.stages)},
+                    save_json({"argv": list(node.argv), "stages": list(node.stages),
+                               "fused": node.fused},
                               slot.folder / f"task-{slot.count}.json")
                     slot.unit = (key, time.time())
             time.sleep(poll_s)
@@ -301,7 +308,7 @@ def submit_slurm(graph: GridGraph, spec: GridSpec, order: list[str], seconds: di
         minutes = math.ceil(2 * seconds[key] / 60) + 10
         executor.update_parameters(**{"time": minutes, **parameters,
                                       **_slurm_names(parameters, node.name, after)})
-        jobs[key] = executor.submit(UnitJob(node.argv, node.stages)).job_id
+        jobs[key] = executor.submit(UnitJob(node.argv, node.stages, node.fused)).job_id
         say(f"submitted {node.name} ({key}) as job {jobs[key]}"
             + (f" after {','.join(after)}" if after else ""))
     records = {**parameters, "gpus_per_node": None, "time": 30}

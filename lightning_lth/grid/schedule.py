@@ -10,6 +10,12 @@ file: ``{device: {arch: {width: seconds}}}``) or measured from the store's event
 (finished stages' times over their epochs); an untimed width is scaled from a timed width of
 the same model by its prunable weights (an epoch's work grows with the weights), and a model
 with nothing timed counts 1 s per epoch per width-1 net, which ``describe`` says.
+
+A fused arm group trains its members side by side: its epochs are its members' epochs summed,
+each costing ``fused_epoch_cost`` times an epoch trained alone (``FUSED_EPOCH_COST``, measured
+by bench/bench_fused.py on CPU: 12 demo-MLP arms fused took 1/0.87 of their time one after
+another; set ``--fused_epoch_cost`` for a device where fusing pays, e.g. a GPU after
+bench_fused measures it there). A group's measured time is its members' shared wall time.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from lightning_lth.errors import LTHError
 from lightning_lth.experiment.store import stage_times
 from lightning_lth.grid.graph import GridGraph, Node
 
+FUSED_EPOCH_COST = 1 / 0.87  # a fused member's epoch over an alone epoch (bench_fused, CPU)
+
 
 @dataclass
 class Costs:
@@ -34,6 +42,7 @@ class Costs:
     overhead_s: float = 0.0
     untimed: set[str] = field(default_factory=set)  # models with no time at all
     every_epoch_s: float | None = None  # one price for every epoch of every model
+    fused_epoch_cost: float = FUSED_EPOCH_COST  # a fused member's epoch / an alone epoch
 
     def per_epoch(self, node: Node, widths: dict[tuple[str, int], int]) -> float:
         if self.every_epoch_s is not None:
@@ -58,16 +67,19 @@ class Costs:
             if node.done:
                 out[key] = 0.0
             elif all(stage in self.stage_seconds for stage in node.stages):
-                out[key] = sum(self.stage_seconds[s] for s in node.stages) + self.overhead_s
+                times = [self.stage_seconds[s] for s in node.stages]  # a group's: one wall
+                out[key] = (max(times) if node.fused else sum(times)) + self.overhead_s
             else:
-                out[key] = (node.epochs * self.per_epoch(node, widths)
+                factor = self.fused_epoch_cost if node.fused else 1.0
+                out[key] = (node.epochs * factor * self.per_epoch(node, widths)
                             + self.kind_seconds.get(node.kind, 0.0) + self.overhead_s)
         return out
 
 
-def epochs_only() -> Costs:
-    """Every epoch costs 1 and nothing else costs anything: makespans in epochs."""
-    return Costs(every_epoch_s=1.0)
+def epochs_only(fused_epoch_cost: float = FUSED_EPOCH_COST) -> Costs:
+    """Every epoch costs 1 (a fused member's, ``fused_epoch_cost``) and nothing else costs
+    anything: makespans in epochs."""
+    return Costs(every_epoch_s=1.0, fused_epoch_cost=fused_epoch_cost)
 
 
 def load_costs(path: str | Path, device: str) -> dict[tuple[str, int], float]:
@@ -80,9 +92,10 @@ def load_costs(path: str | Path, device: str) -> dict[tuple[str, int], float]:
 
 
 def measured_costs(graph: GridGraph, configured: dict[tuple[str, int], float] | None = None,
-                   overhead_s: float = 0.0) -> Costs:
-    """Seconds per epoch and per zero-epoch kind from the store's timed stages (configured
-    values win), and each finished stage's own time."""
+                   overhead_s: float = 0.0,
+                   fused_epoch_cost: float = FUSED_EPOCH_COST) -> Costs:
+    """Seconds per epoch and per zero-epoch kind from the store's timed stages that ran alone
+    (configured values win), and each finished stage's own time."""
     times = stage_times(graph.store)
     by_key = {node.stages[0]: node for node in graph.nodes.values() if len(node.stages) == 1}
     spent: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -99,7 +112,8 @@ def measured_costs(graph: GridGraph, configured: dict[tuple[str, int], float] | 
     epoch_seconds = {model: total / epochs for model, (total, epochs) in spent.items()}
     epoch_seconds.update(configured or {})
     return Costs(epoch_seconds, {kind: sum(v) / len(v) for kind, v in fixed.items()},
-                 {key: seconds for (_, key), seconds in times.items()}, overhead_s)
+                 {key: seconds for (_, key), seconds in times.items()}, overhead_s,
+                 fused_epoch_cost=fused_epoch_cost)
 
 
 def bottom_levels(graph: GridGraph, seconds: dict[str, float]) -> dict[str, float]:
