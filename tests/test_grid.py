@@ -241,6 +241,16 @@ def test_a_fused_grid_has_one_unit_per_group_across_cells(tmp_path, capsys):
     out = capsys.readouterr().out
     assert sum(f"fused 3 arms k={k}" in out for k in (0, 1)) == 2
     assert f"{len(graph.nodes)} units (2 fused arm groups)" in out
+    # a fused member's time is its group's: it times no epoch of the model; alone, it does
+    lone = alone[0]
+    graph.store.mkdir(parents=True, exist_ok=True)
+    for group, rate in (({"group": "g", "fused": 3}, None), ({}, 100.0 / lone.epochs)):
+        log = [{"time": 0.0, "event": "compute", "stage": "arm", "key": lone.key, **group},
+               {"time": 100.0, "event": "done", "stage": "arm", "key": lone.key}]
+        (graph.store / "events.log").write_text("".join(json.dumps(e) + "\n" for e in log))
+        costs = schedule.measured_costs(graph)
+        assert costs.epoch_seconds.get((lone.arch, lone.width)) == rate
+        assert costs.stage_seconds == {lone.key: 100.0}
 
 
 def test_two_local_workers_train_a_fused_group_once_equal_to_the_serial_run(tmp_path):

@@ -220,12 +220,15 @@ class Store:
         self.log_event("done", stage)
 
 
-def stage_times(root: str | Path) -> dict[tuple[str, str], float]:
+def stage_times(root: str | Path, alone: bool = False) -> dict[tuple[str, str], float]:
     """(kind, key) -> seconds of each finished stage's last run, from events.log: from its
-    last compute or resume event to its done event (a killed try's time is not known)."""
+    last compute or resume event to its done event (a killed try's time is not known).
+    ``alone``: only stages whose last run was not in a fused group (a member's time is the
+    whole group's)."""
     log = Path(root) / "events.log"
     began: dict[tuple[str, str], float] = {}
     times: dict[tuple[str, str], float] = {}
+    grouped: set[tuple[str, str]] = set()
     for line in log.read_text().splitlines() if log.is_file() else []:
         try:
             event = json.loads(line)
@@ -234,6 +237,7 @@ def stage_times(root: str | Path) -> dict[tuple[str, str], float]:
             continue  # a line cut by a kill
         if event.get("event") in ("compute", "resume"):
             began[stage] = moment
+            (grouped.add if "group" in event else grouped.discard)(stage)
         elif event.get("event") == "done" and stage in began:
             times[stage] = moment - began.pop(stage)
-    return times
+    return {stage: t for stage, t in times.items() if not (alone and stage in grouped)}

@@ -100,7 +100,7 @@ def measured_costs(graph: GridGraph, configured: dict[tuple[str, int], float] | 
     by_key = {node.stages[0]: node for node in graph.nodes.values() if len(node.stages) == 1}
     spent: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
     fixed: dict[str, list[float]] = defaultdict(list)
-    for (kind, key), seconds in times.items():
+    for (kind, key), seconds in stage_times(graph.store, alone=True).items():
         node = by_key.get(key)
         if node is None:
             continue
