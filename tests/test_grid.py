@@ -126,9 +126,10 @@ def test_schedule_and_simulator_match_a_hand_computed_graph():
     assert [(s.key, s.start) for s in wandb if s.worker == 1] == [("y", 8), ("y2", 17)]
 
 
-def test_slurm_jobs_are_submitted_with_dependencies_and_resources(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fuse", [1, 2])
+def test_slurm_jobs_are_submitted_with_dependencies_and_resources(tmp_path, monkeypatch, fuse):
     """submitit's SlurmExecutor looks for `srun` and calls `sbatch <script>`: stand-ins on
-    PATH; sbatch keeps each script and answers as sbatch does."""
+    PATH; sbatch keeps each script and answers as sbatch does. Fused: one job per group."""
     bin_dir, kept = tmp_path / "bin", tmp_path / "scripts"
     bin_dir.mkdir(), kept.mkdir()
     for name, body in (("srun", "exit 1"), ("sbatch", f"n=$(ls {kept} | wc -l); n=$((n + 100))"
@@ -138,9 +139,10 @@ def test_slurm_jobs_are_submitted_with_dependencies_and_resources(tmp_path, monk
         tool.write_text(f"#!/bin/sh\n{body}\n")
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    config = tiny_config(tmp_path)
+    config = tiny_config(tmp_path, fuse=fuse)
     spec = GridSpec(("--config", str(config)), {"study.only.arm": ["lth", "permuted"]})
     graph = build_graph(spec)
+    assert sum(node.fused for node in graph.nodes.values()) == (4 if fuse > 1 else 0)
     seconds = schedule.epochs_only().seconds(graph)
     order = schedule.priority_order(graph, seconds)
     jobs = submit_slurm(graph, spec, order, seconds, tmp_path / "jobs",
