@@ -23,6 +23,10 @@ from lightning_lth.experiment.progress import quiet_lightning, silence_known_noi
 from lightning_lth.module import LTHModule
 
 PIPELINE_COMMANDS = ("prune", "match", "experiment", "plan")
+# A setting that was replaced: its old name, in a config file or on the command line, is
+# refused with the new one (the parser alone would call it unknown, or ambiguous).
+REPLACED = {"match.method": "study.match.method is now study.match.methods, a list (e.g. "
+                            "[activation] or [activation, weight]): one permuted arm each"}
 PROG = "python -m lightning_lth"
 
 # command -> (one line, what it does at more length, an example): `--help`'s first lines.
@@ -45,9 +49,10 @@ COMMANDS = {
               "round to every sparsity in study.sparsities.",
               "prune --config configs/demo_fmnist.yaml --study.sparsities=[0.9]"),
     "match": ("pi from A to B, the interpolation before and after it, barriers",
-              "Aligns A's hidden units to B's (study.match.method), writes perm.pt, A "
-              "permuted, connectivity.json and interpolation.png; with --study.mask also that "
-              "mask permuted.",
+              "Aligns A's hidden units to B's, once per method (study.match.methods) and "
+              "matching epoch (study.match.epochs); each match writes perm.pt, A permuted, "
+              "connectivity.json, quality.json and interpolation.png; with --study.mask also "
+              "that mask permuted.",
               "match --config configs/demo_fmnist.yaml --study.mask=mask.pt"),
     "plan": ("the study's stages as a table (status, epochs, estimated time), nothing trained",
              "Lists every stage of the plan with what it computes, its status in the store, "
@@ -121,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     silence_known_noise()
     try:
+        for arg in argv:
+            if arg.split("=")[0] == "--study.match.method":
+                raise LTHError(REPLACED["match.method"])
         if argv[0] == "report":
             return report_main(argv[1:])
         if argv[0] == "grid":
@@ -138,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         make_cli(argv)
         return 0
     except argparse.ArgumentError as exc:  # the parser's type and value errors
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        replaced = [why for old, why in REPLACED.items() if f"'{old}'" in str(exc)]
+        print(f"error: {replaced[0] if replaced else one_line(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
         error = user_error(exc)

@@ -28,7 +28,14 @@ class PruneSettings:
 
 @dataclass
 class MatchSettings:
-    method: str = "activation"
+    """How pi is found: one match stage per (method, matching epoch), one permuted arm each.
+
+    ``epochs``: a bare j is B at epoch j and A at T; a pair [i, j] is A at i and B at j. None
+    is [T], the paper's (both nets trained). A study that needs B only up to some epoch < T
+    trains B only that far. ``methods``: the first one is the paper's comparison point."""
+
+    methods: list[str] = field(default_factory=lambda: ["activation"])
+    epochs: list[int | list[int]] | None = None
     num_batches: int | None = None  # None: one pass over the training set
     interpolation_points: int = 11
     bn_reset_batches: int | None = None  # BN (and REPAIR) statistics at each alpha; None: one pass
@@ -52,6 +59,8 @@ class OnlyCells:
     sparsity: float | None = None
     rewind_epoch: int | None = None
     arm: str | None = None
+    match_epoch: int | list[int] | None = None  # one entry of study.match.epochs
+    match_method: str | None = None  # one of study.match.methods
 
 
 @dataclass

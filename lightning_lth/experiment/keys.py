@@ -49,6 +49,9 @@ EXCLUDED: dict[str, str] = {
     "study.rewind_epochs": "shapes the plan; a snapshot is keyed by its net and epoch",
     "study.seed_b_offset": "shapes the plan; dense B is keyed by its own seed",
     "study.prune.chain": "shapes the plan; a round's history is in what it reads",
+    "study.match.methods": "shapes the plan; each match stage is keyed by its own method, "
+                           "as study.match.method (match_view)",
+    "study.match.epochs": "shapes the plan; a match stage is keyed by the snapshots it reads",
     "study.weights_a": "a file input, keyed by its checksum where it is read",
     "study.weights_b": "a file input, keyed by its checksum where it is read",
     "study.mask": "a file input, keyed by its checksum where it is read",
@@ -103,6 +106,15 @@ def keyed_leaves(config: dict, kind: str) -> dict[str, Any]:
     return {path: value for path, value in leaves(config)
             if not excluded(path, config)
             and (not _under(path, "study") or any(_under(path, s) for s in sections))}
+
+
+def match_view(config: dict, method: str) -> dict:
+    """The config as one match stage is keyed by: ``study.match`` with that stage's method
+    as ``method`` (the leaf of a study with one method, before ``methods`` existed: its match
+    stages and permuted arms keep their keys)."""
+    section = {name: value for name, value in config["study"]["match"].items()
+               if name not in ("methods", "epochs")}
+    return {**config, "study": {**config["study"], "match": {**section, "method": method}}}
 
 
 def digest(obj: Any, length: int = 16) -> str:

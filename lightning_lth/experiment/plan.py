@@ -1,10 +1,14 @@
 """The plan: one study's stages, from its resolved config alone, without training.
 
-    dense A, dense B      T epochs each, saving the rewind snapshots the study asks for
+    dense A, dense B      T epochs each, saving the rewind and matching snapshots the study
+                          asks for; B only up to the last epoch the study reads of it when
+                          that is < T (a snapshot stage "dense B to epoch j", see below)
     snapshot              a rewind epoch that a finished dense net did not save
     imp                   one stage per IMP round; each reads the round before it
-    match                 pi between A's and B's final weights, and the interpolation
-    arm                   arm registry entry x sparsity x k, T - k epochs
+    match                 pi between A and B at one epoch pair, by one method, and the
+                          interpolation; one stage per study.match.epochs x methods
+    arm                   arm registry entry x sparsity x k, T - k epochs; the permuted arm
+                          once per match stage (``permuted@b1``, ``permuted[weight]``)
 
 Every input is checked here, before any stage starts: a refused study leaves nothing behind.
 """
@@ -89,13 +93,15 @@ class Plan:
     dense_b: DenseStage
     rounds: list[ImpRound]
     targets: dict[float, ImpRound]  # the round that lands on each target sparsity
-    match: MatchStage
+    matches: list[MatchStage]
+    b_until: int  # the epoch dense B trains to: T, or the last one the study reads of it
     arms: list[ArmStage] = field(default_factory=list)
 
     @property
     def stages(self) -> list[Stage]:
-        """Every stage once, each after the stages it reads."""
-        return in_order([self.dense_a, self.dense_b, *self.rounds, self.match, *self.arms])
+        """Every stage once, each after the stages it reads (a truncated B: through them)."""
+        full_b = [self.dense_b] if self.b_until == self.dense_b.epochs else []
+        return in_order([self.dense_a, *full_b, *self.rounds, *self.matches, *self.arms])
 
     @property
     def epochs(self) -> int:
@@ -111,6 +117,45 @@ class Plan:
             by_order.setdefault(fusable(arm), []).append(arm)
         return [ArmGroup(tuple(arms[start:start + size])) for arms in by_order.values()
                 for start in range(0, len(arms), size)]
+    @property
+    def b_epochs_saved(self) -> int:
+        """Dense B's epochs this study does not train, against training B to T."""
+        return self.dense_b.epochs - self.b_until
+
+    @property
+    def final_match(self) -> MatchStage | None:
+        """Both nets at T by the first method: the paper's pi (records' barrier_* fields)."""
+        return next((m for m in self.matches if m.suffix == ""), None)
+
+
+def match_pairs(entries: list | None, epochs: int) -> list[tuple[int, int]]:
+    """study.match.epochs as (A's epoch, B's epoch) pairs: j is (T, j), [i, j] is (i, j)."""
+    pairs = []
+    for entry in [epochs] if entries is None else entries:
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            pair = (epochs, entry)
+        elif (isinstance(entry, (list, tuple)) and len(entry) == 2
+              and all(isinstance(e, int) and not isinstance(e, bool) for e in entry)):
+            pair = (entry[0], entry[1])
+        else:
+            raise LTHError(f"study.match.epochs entry {entry!r} is neither an epoch j (B at j, "
+                           f"A at T) nor a pair [i, j] (A at i, B at j)")
+        if not all(0 <= e <= epochs for e in pair):
+            raise LTHError(f"study.match.epochs entry {entry!r}: matching epochs must be in "
+                           f"0..trainer.max_epochs={epochs}")
+        if pair in pairs:
+            raise LTHError(f"study.match.epochs names the epoch pair (A {pair[0]}, B "
+                           f"{pair[1]}) twice")
+        pairs.append(pair)
+    return pairs
+
+
+def match_suffix(method: str, pair: tuple[int, int], epochs: int) -> str:
+    """How a permuted arm's label tells its pi from the paper's (activation, both at T):
+    ``@b{j}`` (A at T), ``@a{i}b{j}``, then ``[method]``; empty for the paper's own."""
+    a, b = pair
+    where = "" if pair == (epochs, epochs) else f"@b{b}" if a == epochs else f"@a{a}b{b}"
+    return where + ("" if method == MATCH_METHODS[0] else f"[{method}]")
 
 
 def _check_study(config: dict, study: Study, epochs: int) -> None:
@@ -128,12 +173,33 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
         if config.get(name) is not None:
             raise LTHError(f"--{name} is for `fit`; a study's optimisers are the paper's "
                            f"(model.lr, study.prune.*, study.sparse.*)")
-    for arm in study.arms + ([study.only.arm] if study.only.arm else []):
+    only = study.only
+    for arm in study.arms + ([only.arm] if only.arm else []):
         if arm not in ARMS:
             raise LTHError(f"unknown arm {arm!r}; valid arms: {', '.join(ARMS)}")
-    if study.match.method not in MATCH_METHODS:
-        raise LTHError(f"unknown matching method {study.match.method!r}; valid: "
+    methods = study.match.methods
+    if not methods:
+        raise LTHError("study.match.methods is empty; give at least one of "
                        f"{', '.join(MATCH_METHODS)}")
+    for method in methods:
+        if method not in MATCH_METHODS:
+            raise LTHError(f"unknown matching method {method!r}; valid: "
+                           f"{', '.join(MATCH_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise LTHError(f"study.match.methods lists a method twice: {methods}")
+    pairs = match_pairs(study.match.epochs, epochs)
+    if only.match_method is not None and only.match_method not in methods:
+        raise LTHError(f"matching method {only.match_method!r} is not among "
+                       f"study.match.methods {methods}")
+    if only.match_epoch is not None and match_pairs([only.match_epoch], epochs)[0] not in pairs:
+        raise LTHError(f"matching epoch {only.match_epoch!r} is not among study.match.epochs "
+                       f"{study.match.epochs if study.match.epochs is not None else [epochs]}")
+    for role, path in (("A", study.weights_a), ("B", study.weights_b)):
+        index = 0 if role == "A" else 1
+        if path is not None and any(pair[index] != epochs for pair in pairs):
+            raise LTHError(f"study.weights_{role.lower()} is a trained net: matching at an "
+                           f"epoch of {role} before T={epochs} needs the study's own dense "
+                           f"{role} (study.match.epochs {study.match.epochs})")
     wandb_mode(study.wandb_mode)
     if study.fuse is not None and (isinstance(study.fuse, bool) or not isinstance(study.fuse, int)
                                    or study.fuse < 1):
@@ -145,7 +211,6 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
         if k >= epochs:
             raise LTHError(f"rewind epoch {k} leaves no sparse training: k must be < "
                            f"trainer.max_epochs={epochs}")
-    only = study.only
     if only.sparsity is not None and not any(
             math.isclose(only.sparsity, s) for s in study.sparsities):
         raise LTHError(f"sparsity {only.sparsity} is not among the IMP chain's targets "
@@ -183,17 +248,40 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
     model, seed = config["model"], config["seed_everything"]
     label = f"{model['arch']}-w{model['width']}-{config['data']['dataset']}"
 
-    def keyed(stage: Stage) -> Stage:
+    def keyed(stage: Stage, view: dict = config) -> Stage:
         return replace(stage, key=keys.stage_key(stage.kind, stage.label, stage.identity(),
-                                                 config))
+                                                 view))
 
-    saves = tuple(study.rewind_epochs)
-    dense = {role: keyed(DenseStage(name=f"dense {role}", label=f"{label}-seed{net_seed}",
-                                    role=role, seed=net_seed, epochs=epochs, save_epochs=saves))
-             for role, net_seed in (("A", seed), ("B", seed + study.seed_b_offset))}
+    pairs = match_pairs(study.match.epochs, epochs)
+    uses_b = any(ARMS[name].init == "B" for name in study.arms)
+    reads = {"A": {i for i, _ in pairs} | set(study.rewind_epochs),
+             "B": {j for _, j in pairs} | (set(study.rewind_epochs) if uses_b else set())}
+    dense = {role: keyed(DenseStage(
+        name=f"dense {role}", label=f"{label}-seed{net_seed}", role=role, seed=net_seed,
+        epochs=epochs, save_epochs=tuple(sorted(e for e in reads[role] if e < epochs))))
+        for role, net_seed in (("A", seed), ("B", seed + study.seed_b_offset))}
+    # B trains only as far as the study reads it, unless the store has it trained to T.
+    b_until = max(reads["B"]) if saved_epochs(dense["B"].key) is None else epochs
+    truncated_b = None if b_until == epochs else keyed(SnapshotStage(
+        name=f"dense B to epoch {b_until}", label=f"{dense['B'].label}-to{b_until}",
+        dense=dense["B"], epoch=b_until, epochs=b_until, save_epochs=dense["B"].save_epochs,
+        continuable=True))
     explicit = {"A": study.weights_a, "B": study.weights_b}
-    final = {role: _file_ref(explicit[role]) if explicit[role] else dense[role].weights(None)
-             for role in dense}
+
+    def snapshot(role: str, k: int) -> WeightsRef:
+        """Dense ``role``'s weights after k epochs (k = T: its final weights)."""
+        if explicit[role]:
+            return _file_ref(explicit[role])
+        if role == "B" and truncated_b is not None:
+            return truncated_b.weights(k)
+        net = dense[role]
+        if k == epochs:
+            return net.weights(None)
+        saved = saved_epochs(net.key)
+        if saved is None or k in saved:
+            return net.weights(k)
+        return keyed(SnapshotStage(name=f"snapshot {role} k={k}", label=f"{net.label}-k{k}",
+                                   dense=net, epoch=k, epochs=k)).weights()
 
     prunable = prunable_count(model, study.prune)
     schedule = imp.imp_schedule(prunable, study.sparsities, study.prune.fraction,
@@ -206,7 +294,7 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
         stage = keyed(ImpRound(
             name=f"imp round {rnd.step} S={rnd.zeros / prunable:.4f}",
             label=f"{label}-seed{seed}-r{rnd.step}", seed=seed, step=rnd.step, zeros=rnd.zeros,
-            prunable=prunable, previous=previous, dense=final["A"],
+            prunable=prunable, previous=previous, dense=snapshot("A", epochs),
             epochs=study.prune.epochs_per_round if rnd.step > 0 else 0))
         rounds.append(stage)
         last_in_chain[rnd.chain] = stage
@@ -214,24 +302,26 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
             targets[rnd.target] = stage
 
     mask = _file_ref(study.mask) if study.mask else None
-    matching = keyed(MatchStage(name="match", label=f"{label}-seed{seed}", a=final["A"],
-                                b=final["B"], mask=mask))
-    plan = Plan(dense["A"], dense["B"], rounds, targets, matching)
+    matches = []
+    for pair in pairs:
+        for method in study.match.methods:
+            suffix = match_suffix(method, pair, epochs)
+            matches.append(keyed(MatchStage(
+                name=f"match{suffix}", label=f"{label}-seed{seed}{suffix}",
+                a=snapshot("A", pair[0]), b=snapshot("B", pair[1]), mask=mask, method=method,
+                a_epoch=pair[0], b_epoch=pair[1], suffix=suffix), keys.match_view(config, method)))
+    plan = Plan(dense["A"], dense["B"], rounds, targets, matches, b_until)
     if not with_arms:
         return plan
     if study.weights_a or study.weights_b:
         raise LTHError("study.weights_a / study.weights_b are inputs of `prune` and `match`; "
                        "`experiment` trains its own dense nets, with their rewind snapshots")
 
-    def snapshot(role: str, k: int) -> WeightsRef:
-        net = dense[role]
-        saved = saved_epochs(net.key)
-        if saved is None or k in saved:
-            return net.weights(k)
-        return keyed(SnapshotStage(name=f"snapshot {role} k={k}", label=f"{net.label}-k{k}",
-                                   dense=net, epoch=k, epochs=k)).weights()
-
     only = study.only
+    chosen = [m for m in matches
+              if (only.match_method is None or m.method == only.match_method)
+              and (only.match_epoch is None
+                   or (m.a_epoch, m.b_epoch) == match_pairs([only.match_epoch], epochs)[0])]
     for sparsity in study.sparsities:
         if only.sparsity is not None and not math.isclose(sparsity, only.sparsity):
             continue
@@ -242,10 +332,12 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
                 if only.arm is not None and name != only.arm:
                     continue
                 arm = ARMS[name]
-                plan.arms.append(keyed(ArmStage(
-                    name=f"arm {name} S={sparsity} k={k}",
-                    label=f"{label}-seed{seed}-{name}-s{sparsity}-k{k}", arm=arm, seed=seed,
-                    sparsity=sparsity, rewind_epoch=k, init=snapshot(arm.init, k),
-                    round=targets[sparsity], matching=matching if arm.permuted else None,
-                    epochs=epochs - k)))
+                for matching in chosen if arm.permuted else [None]:
+                    shown = name + (matching.suffix if matching else "")
+                    plan.arms.append(keyed(ArmStage(
+                        name=f"arm {shown} S={sparsity} k={k}",
+                        label=f"{label}-seed{seed}-{shown}-s{sparsity}-k{k}", arm=arm,
+                        seed=seed, sparsity=sparsity, rewind_epoch=k,
+                        init=snapshot(arm.init, k), round=targets[sparsity],
+                        matching=matching, epochs=epochs - k)))
     return plan

@@ -135,13 +135,17 @@ def what(stage) -> str:
         saves = ",".join(map(str, stage.save_epochs))
         return f"net {stage.role} from seed {stage.seed}, snapshots at k={saves}"
     if stage.kind == "snapshot":
+        if stage.continuable:
+            return (f"dense {stage.dense.role} only up to epoch {stage.epoch} of "
+                    f"{stage.dense.epochs}, snapshots at k={','.join(map(str, stage.saves))}")
         return f"dense {stage.dense.role} again up to its epoch-{stage.epoch} snapshot"
     if stage.kind == "imp":
         if stage.step == 0:
             return "round 0: dense A with every weight kept"
         return f"prune to {stage.zeros}/{stage.prunable} zeros, then train with the mask"
     if stage.kind == "match":
-        return "pi from A to B; interpolation before/after, barriers"
+        return (f"pi ({stage.method}) from A at epoch {stage.a_epoch} to B at epoch "
+                f"{stage.b_epoch}; interpolation before/after, barriers")
     if stage.kind == "arm":
         mask = "A's IMP mask permuted into B" if stage.arm.permuted else "A's IMP mask"
         return f"{stage.arm.init}'s epoch-{stage.rewind_epoch} weights, {mask}"

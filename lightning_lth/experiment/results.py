@@ -21,19 +21,20 @@ class Record:
     dataset: str
     width: int
     seed: int
-    method: str  # the arm's name in the arm registry
+    method: str  # the arm's name in the arm registry; a permuted arm's with its match suffix
     sparsity: float
     rewind_epoch: int
     test_acc: float  # fractions, never percent
     test_loss: float
     dense_acc_a: float
-    dense_acc_b: float
+    dense_acc_b: float | None  # None: the study trained B only up to an early match epoch
     pruned_acc_a: float  # IMP's net at this sparsity, before the arms retrain
-    barrier_loss_before: float
-    barrier_loss_after: float
-    barrier_error_before: float
-    barrier_error_after: float
-    connectivity: str | None  # the match stage's connectivity.json
+    # the paper's match (both nets at T, the first method); None where the study has none
+    barrier_loss_before: float | None
+    barrier_loss_after: float | None
+    barrier_error_before: float | None
+    barrier_error_after: float | None
+    connectivity: str | None  # that match's connectivity.json (else this arm's own match's)
     wall_time_s: float
     key: str  # the arm's stage key
     config_hash: str  # the configuration (seed and width aside): reports keep these apart
@@ -48,21 +49,38 @@ class Record:
     # The size of the fused group the arm trained in (lightning_lth.fused); 1: alone. Records
     # of releases before fusion lack it: they trained alone.
     fused: int = 1
+    # A permuted arm's own match (None on the other arms); records from before these fields
+    # existed lack them. *_at_match: measured on the nets at the epochs matched.
+    match_method: str | None = None
+    match_epoch_a: int | None = None
+    match_epoch_b: int | None = None
+    acc_b_at_match: float | None = None  # B's test accuracy at match_epoch_b
+    barrier_loss_before_at_match: float | None = None
+    barrier_loss_after_at_match: float | None = None
+    barrier_error_before_at_match: float | None = None
+    barrier_error_after_at_match: float | None = None
+    pi_correlation: dict | None = None  # group -> mean correlation of the units pi pairs
+    pi_agreement: dict | None = None  # group -> fraction of units mapped as by the final pi
+    # (same method, both nets at T); None where B did not reach T or no such match ran
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-_FRACTIONS = ("sparsity", "test_acc", "dense_acc_a", "dense_acc_b", "pruned_acc_a")
+_FRACTIONS = ("sparsity", "test_acc", "dense_acc_a", "dense_acc_b", "pruned_acc_a",
+              "acc_b_at_match")
 
 
 def _type_ok(value, kind: str) -> bool:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return {"str": isinstance(value, str),
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": number,
-            "str | None": value is None or isinstance(value, str),
-            "float | None": value is None or number}[kind]
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    per_group = isinstance(value, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
+    base, _, optional = kind.partition(" | ")
+    if optional and value is None:
+        return True
+    return {"str": isinstance(value, str), "int": integer, "float": number,
+            "dict": per_group}[base]
 
 
 def invalid(record) -> str | None:
@@ -73,14 +91,15 @@ def invalid(record) -> str | None:
     default (added after a release) may be missing."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
-    missing = [f.name for f in fields(Record) if f.name not in record and f.default is MISSING]
+    missing = [f.name for f in fields(Record)
+               if f.name not in record and f.default is MISSING]
     if missing:
         return f"missing key(s) {', '.join(missing)}"
     for f in fields(Record):
         if f.name in record and not _type_ok(record[f.name], f.type):
             return f"{f.name} must be {f.type}, got {record[f.name]!r}"
     for name in _FRACTIONS:
-        if not 0.0 <= record[name] <= 1.0:
+        if record.get(name) is not None and not 0.0 <= record[name] <= 1.0:
             return f"{name} must be a fraction in [0, 1], got {record[name]!r}"
     return None
 

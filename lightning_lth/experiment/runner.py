@@ -25,12 +25,21 @@ from lightning_lth.experiment import keys
 from lightning_lth.experiment.plan import Plan, build_plan, in_order, resolve, study_settings
 from lightning_lth.experiment.progress import EpochClock, StudyProgress, plan_table, watch
 from lightning_lth.experiment.results import RESULTS_FILE, Record, append_record
-from lightning_lth.experiment.stages import ArmGroup, ArmStage, DenseStage, Stage, WeightsRef
+from lightning_lth.experiment.stages import (
+    ArmGroup,
+    ArmStage,
+    DenseStage,
+    MatchStage,
+    Stage,
+    WeightsRef,
+    load_perm,
+)
 from lightning_lth.experiment.store import CHECKPOINTS, Store, stage_times
 from lightning_lth.experiment.tracking import Tracking
 from lightning_lth.io import load_json, write_atomic
 from lightning_lth.module import LTHModule, load_snapshot, load_weights
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.symmetry.matching import perm_agreement
 
 # study.fuse when it is not set, per training device type: the group size (1: arms train
 # one after another). Measured by bench/bench_fused.py (README, "Fused arms"): on CPU the
@@ -82,13 +91,14 @@ class Runner:
 
     def _check_files(self, plan: Plan) -> None:
         """A user's weights or mask that do not fit the model fail here, before any stage."""
-        for ref in (plan.match.a, plan.match.b):
+        matching = plan.matches[0]  # every match stage reads the same files
+        for ref in (matching.a, matching.b):
             if ref.stage is None:
                 load_weights(self.module().net, load_snapshot(ref.path), ref.path)
-        if plan.match.mask is not None:
+        if matching.mask is not None:
             model = self.config["model"]
-            Mask.load(plan.match.mask.path).check_fits(self.module().net, model["arch"],
-                                                       model["width"])
+            Mask.load(matching.mask.path).check_fits(self.module().net, model["arch"],
+                                                     model["width"])
 
     # -- what stages use --------------------------------------------------------------------
     def module(self, **overrides) -> LTHModule:
@@ -101,7 +111,7 @@ class Runner:
                 wandb_config: dict | None = None) -> L.Trainer:
         loggers = [CSVLogger(work, name="logs", version="")]
         wandb = self.tracking.logger(stage, stage.kind if not isinstance(stage, ArmStage)
-                                     else stage.arm.name, wandb_config or {})
+                                     else stage.shown, wandb_config or {})
         loggers += [wandb] if wandb is not None else []
         return self._trainer([stage], work, max_epochs, callbacks, loggers)
 
@@ -199,30 +209,58 @@ class Runner:
         arms): rank 0 calls it alone, so it must not start one."""
         plan = self._plan
         model = self.config["model"]
-        match_dir = self.store.path(plan.match)
-        curves = load_json(match_dir / "connectivity.json")
-        repair = curves.get("curves", {}).get("repair")  # None: REPAIR was not computed
+        final = plan.final_match
+        curves = self._curves(final)
+        repair = (curves or {}).get("curves", {}).get("repair")  # None: REPAIR not computed
+        reached = {"a": True, "b": plan.b_until == self.epochs}
         dense = {role: load_json(self.store.path(stage) / "metrics.json")["test_acc"]
+                 if reached[role] else None
                  for role, stage in (("a", plan.dense_a), ("b", plan.dense_b))}
         pruned = load_json(self.store.path(arm.round) / "metrics.json")["test_acc"]
+        shown = final or arm.matching
         return Record(
             model=model["arch"], dataset=self.config["data"]["dataset"], width=model["width"],
-            seed=arm.seed, method=arm.arm.name, sparsity=arm.sparsity,
+            seed=arm.seed, method=arm.shown, sparsity=arm.sparsity,
             rewind_epoch=arm.rewind_epoch, test_acc=result["test_acc"],
             test_loss=result["test_loss"], dense_acc_a=dense["a"], dense_acc_b=dense["b"],
             pruned_acc_a=pruned,
-            barrier_loss_before=curves["naive"]["loss_barrier"],
-            barrier_loss_after=curves["matched"]["loss_barrier"],
-            barrier_error_before=curves["naive"]["error_barrier"],
-            barrier_error_after=curves["matched"]["error_barrier"],
-            connectivity=str((match_dir / "connectivity.json").resolve()),
+            **{f"barrier_{name}": value for name, value in self._barriers(curves).items()},
+            connectivity=str((self.store.path(shown) / "connectivity.json").resolve())
+            if shown else None,
             wall_time_s=result["wall_time_s"], key=arm.key,
             config_hash=keys.config_hash(self.config), num_threads=result["num_threads"],
             device=result["device"], fused=result.get("fused", 1),
             finished_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             **({f"barrier_{kind}_{when}_repair": repair[side][f"{kind}_barrier"]
                 for kind in ("loss", "error")
-                for when, side in (("before", "naive"), ("after", "matched"))} if repair else {}))
+                for when, side in (("before", "naive"), ("after", "matched"))} if repair else {}),
+            **(self._match_fields(arm.matching, plan) if arm.matching else {}))
+
+    def _curves(self, matching: MatchStage | None) -> dict | None:
+        return load_json(self.store.path(matching) / "connectivity.json") if matching else None
+
+    @staticmethod
+    def _barriers(curves: dict | None) -> dict:
+        """``{loss_before, loss_after, error_before, error_after}``: naive, then matched."""
+        return {f"{metric}_{when}": curves[side][f"{metric}_barrier"] if curves else None
+                for metric in ("loss", "error")
+                for when, side in (("before", "naive"), ("after", "matched"))}
+
+    def _match_fields(self, matching: MatchStage, plan: Plan) -> dict:
+        """A permuted arm's own pi: where it was found, how good it is, and the nets there."""
+        folder = self.store.path(matching)
+        quality = load_json(folder / "quality.json")
+        final = next((m for m in plan.matches if m.method == matching.method
+                      and (m.a_epoch, m.b_epoch) == (self.epochs, self.epochs)), None)
+        agreement = None
+        if final is not None and plan.b_until == self.epochs:
+            agreement = perm_agreement(load_perm(folder / "perm.pt"),
+                                       load_perm(self.store.path(final) / "perm.pt"))
+        return {"match_method": matching.method, "match_epoch_a": matching.a_epoch,
+                "match_epoch_b": matching.b_epoch, "acc_b_at_match": quality["acc_b"],
+                **{f"barrier_{name}_at_match": value
+                   for name, value in self._barriers(self._curves(matching)).items()},
+                "pi_correlation": quality["correlation"], "pi_agreement": agreement}
 
     def experiment(self) -> list[Record]:
         started = time.time()
@@ -247,10 +285,11 @@ class Runner:
         plan = self.plan()
         stages = [{"stage": s.kind, "name": s.name, "key": s.key,
                    "status": self.store.status(s), "epochs": s.epochs} for s in plan.stages]
-        cells = [{"arm": a.arm.name, "sparsity": a.sparsity, "rewind_epoch": a.rewind_epoch,
+        cells = [{"arm": a.shown, "sparsity": a.sparsity, "rewind_epoch": a.rewind_epoch,
                   "key": a.key, "status": self.store.status(a), "epochs": a.epochs}
                  for a in plan.arms]
-        return {"stages": stages, "cells": cells, "epochs": plan.epochs}
+        return {"stages": stages, "cells": cells, "epochs": plan.epochs,
+                "b_until": plan.b_until, "b_epochs_saved": plan.b_epochs_saved}
 
 
 def _processes(trainer_args: dict) -> int:
@@ -273,8 +312,15 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
     runner = Runner(cli)
     if command == "plan":
         if runner.dist.is_writer:
-            print(json.dumps(runner.describe(), indent=2) if as_json else plan_table(
-                runner.plan().stages, runner.store.status, stage_times(runner.store.root)))
+            if as_json:
+                print(json.dumps(runner.describe(), indent=2))
+            else:
+                plan = runner.plan()
+                print(plan_table(plan.stages, runner.store.status,
+                                 stage_times(runner.store.root)))
+                if plan.b_epochs_saved:
+                    print(f"dense B trains to epoch {plan.b_until} of {runner.epochs} "
+                          f"(study.match.epochs): {plan.b_epochs_saved} epochs saved")
         return 0
     if command == "experiment":
         with watch(runner, command, runner.plan().stages):
@@ -288,8 +334,9 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
             runner.dist.say(f"prune: sparsity {target}: {folder}")
         return 0
     if command == "match":
-        with watch(runner, command, in_order([plan.match])):
-            folder = runner.run(plan.match)
-        runner.dist.say(f"match: outputs in {folder}")
+        with watch(runner, command, in_order(plan.matches)):
+            folders = [runner.run(matching) for matching in plan.matches]
+        for matching, folder in zip(plan.matches, folders, strict=True):
+            runner.dist.say(f"match{matching.suffix}: outputs in {folder}")
         return 0
     raise LTHError(f"unknown command {command!r}")

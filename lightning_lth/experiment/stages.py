@@ -14,6 +14,7 @@ distinct from dense A's and B's).
 
 from __future__ import annotations
 
+import shutil
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_lth.callbacks import RewindSnapshots, snapshot_name
+from lightning_lth.callbacks import ResumePoints, RewindSnapshots, snapshot_name
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.keys import digest
+from lightning_lth.experiment.store import CHECKPOINTS, SETTINGS
 from lightning_lth.fused import FusedArms, MemberLogs
 from lightning_lth.io import load_json, load_tensors, save_json, save_tensors
 from lightning_lth.models import example_input
@@ -34,7 +36,7 @@ from lightning_lth.module import LTHModule
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.connectivity import compare_naive_matched, plot_interpolation
-from lightning_lth.symmetry.matching import match
+from lightning_lth.symmetry.matching import activation_correlations, match, matched_correlation
 from lightning_lth.symmetry.spec import apply_permutation, get_spec
 
 
@@ -61,6 +63,9 @@ class WeightsRef:
     ident: str  # what keys see: "<dense key>@<epoch>" or "file:<sha256>"
     stage: Stage | None  # the stage that writes it; None for a user's file
     path: str  # inside that stage's folder, or the user's file
+
+
+CONTINUE_FILE = "continue.ckpt"  # a truncated dense run's last checkpoint: its continuation
 
 
 def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -128,12 +133,41 @@ class DenseStage(Stage):
         return ("dense", self.seed)
 
     def compute(self, ctx, work, resume):
+        if resume is None:
+            resume = self._continue_truncated(ctx, work)
         trainer, module = _train_dense(ctx, self, self.seed, work, resume, self.epochs,
                                        self.save_epochs, final=True)
         metrics = ctx.test(trainer, module)
         if ctx.dist.is_writer:
             save_json({**metrics, "saved_epochs": list(self.save_epochs),
                        "order_seed": ctx.order_seed(*self.order())}, work / "metrics.json")
+
+    def _continue_truncated(self, ctx, work: Path) -> str | None:
+        """The furthest finished truncated run of this net in the store (a continuable
+        snapshot stage) that saved every snapshot this run saves up to its epoch: its
+        snapshots and checkpoint are copied here and training resumes from them."""
+        start = None
+        if ctx.dist.is_writer:
+            for folder in ctx.store.finished(SnapshotStage.kind):
+                identity = load_json(folder / SETTINGS)["identity"]
+                reached, saved = identity["epoch"], identity.get("saves", [identity["epoch"]])
+                wanted = {e for e in self.save_epochs if e <= reached}
+                if (identity["dense"] == self.key and identity.get("continuable")
+                        and wanted <= set(saved) and (start is None or reached > start[0])
+                        and ctx.store.intact(folder)):
+                    start = (reached, folder, wanted)
+            if start is not None:
+                reached, folder, wanted = start
+                (work / "rewind").mkdir(parents=True, exist_ok=True)
+                for epoch in wanted:
+                    shutil.copyfile(folder / "rewind" / snapshot_name(epoch),
+                                    work / "rewind" / snapshot_name(epoch))
+                checkpoint = work / CHECKPOINTS / ResumePoints.FILE
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / CONTINUE_FILE, checkpoint)
+                ctx.store.log_event("continue", self, source=folder.name, epoch=reached)
+                start = str(checkpoint)
+        return ctx.dist.broadcast(start) if ctx.dist.active else start
 
     def weights(self, epoch: int | None) -> WeightsRef:
         """Epoch k's snapshot (None: the final weights)."""
@@ -144,28 +178,43 @@ class DenseStage(Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class SnapshotStage(Stage):
-    """A rewind snapshot a finished dense net did not save: its run again up to that epoch.
+    """A dense net run again (or only) up to ``epoch``: a rewind snapshot a finished dense
+    net did not save, or a dense B trained only as far as the study reads it.
 
-    Same seed, data order and T-epoch schedule, so the snapshot is the one the dense run
-    would have saved (bit for bit on CPU with ``deterministic``)."""
+    Same seed, data order and T-epoch schedule, so each snapshot is the one the dense run
+    would have saved (bit for bit on CPU with ``deterministic``). A ``continuable`` one keeps
+    its last Lightning checkpoint, so the dense stage, when a later study needs the net at T,
+    resumes from it instead of training again (``DenseStage._continue_truncated``)."""
 
     kind: ClassVar[str] = "snapshot"
     dense: DenseStage
     epoch: int
+    save_epochs: tuple[int, ...] = ()  # besides ``epoch``
+    continuable: bool = False
+
+    @property
+    def saves(self) -> list[int]:
+        return sorted({*self.save_epochs, self.epoch})
 
     def identity(self) -> dict:
-        return {"dense": self.dense.key, "epoch": self.epoch}
+        more = {"saves": self.saves} if self.saves != [self.epoch] else {}
+        return {"dense": self.dense.key, "epoch": self.epoch, **more,
+                **({"continuable": True} if self.continuable else {})}
 
     def order(self) -> tuple:
         return self.dense.order()
 
     def compute(self, ctx, work, resume):
-        _train_dense(ctx, self, self.dense.seed, work, resume, self.epoch, [self.epoch],
+        _train_dense(ctx, self, self.dense.seed, work, resume, self.epoch, self.saves,
                      final=False)
+        if self.continuable and ctx.dist.is_writer:
+            shutil.copyfile(work / CHECKPOINTS / ResumePoints.FILE, work / CONTINUE_FILE)
 
-    def weights(self) -> WeightsRef:
-        return WeightsRef(f"{self.dense.key}@{self.epoch}", self,
-                          f"rewind/{snapshot_name(self.epoch)}")
+    def weights(self, epoch: int | None = None) -> WeightsRef:
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self.saves:
+            raise RuntimeError(f"{self.name} does not save epoch {epoch}")
+        return WeightsRef(f"{self.dense.key}@{epoch}", self, f"rewind/{snapshot_name(epoch)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,13 +280,20 @@ class ImpRound(Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class MatchStage(Stage):
-    """pi aligning A to B, the interpolation before and after it, and optionally a mask
-    permuted by it (the `match` command's --study.mask)."""
+    """pi aligning A to B at one pair of epochs by one method, the interpolation before and
+    after it, how good pi is, and optionally a mask permuted by it (`match`'s --study.mask).
+
+    The method is keyed as the config leaf ``study.match.method`` (``keys.match_view``), the
+    epochs through the weights it reads."""
 
     kind: ClassVar[str] = "match"
     a: WeightsRef
     b: WeightsRef
     mask: WeightsRef | None = None
+    method: str
+    a_epoch: int
+    b_epoch: int
+    suffix: str  # the permuted arm's label after "permuted" (plan.match_suffix)
 
     def identity(self) -> dict:
         return {"a": self.a.ident, "b": self.b.ident,
@@ -254,8 +310,11 @@ class MatchStage(Stage):
         net_b = ctx.module(init_weights=str(weights_b)).net.to(device)
         train = ctx.datamodule.unaugmented_train_batches(device)
         spec = get_spec(net_a, _example(ctx, device))
-        perm = match(net_a, net_b, spec, method=settings.method, batches=train,
-                     num_batches=settings.num_batches, seed=settings.seed, context=ctx.dist)
+        correlations = activation_correlations(net_a, net_b, spec, train,
+                                               settings.num_batches, context=ctx.dist)
+        perm = match(net_a, net_b, spec, method=self.method, batches=train,
+                     num_batches=settings.num_batches, seed=settings.seed, context=ctx.dist,
+                     correlations=correlations)
         ctx.dist.ranks_agree("the permutation", perm)
         state_a, state_b = _state(net_a), _state(net_b)
         curves = compare_naive_matched(
@@ -264,16 +323,20 @@ class MatchStage(Stage):
             bn_batches=settings.bn_reset_batches)
         if not ctx.dist.is_writer:
             return
-        save_tensors({"perm": perm, "meta": {"method": settings.method}}, work / "perm.pt")
+        save_tensors({"perm": perm, "meta": {"method": self.method}}, work / "perm.pt")
         save_tensors({"state_dict": apply_permutation(state_a, spec, perm), "epoch": None,
                       "meta": {"permuted_to": self.b.ident}}, work / "weights_a_permuted.pt")
         save_json(curves, work / "connectivity.json")
+        # the end points of the naive curve are A and B themselves, at the matched epochs
+        save_json({"method": self.method, "epoch_a": self.a_epoch, "epoch_b": self.b_epoch,
+                   "acc_a": curves["naive"]["acc"][0], "acc_b": curves["naive"]["acc"][-1],
+                   "correlation": matched_correlation(correlations, perm)},
+                  work / "quality.json")
         plot_interpolation(curves, work / "interpolation.png", title=self.label)
         if self.mask is not None:
             apply_permutation(Mask.load(self.mask.path), spec, perm).save(
                 work / "mask_permuted.pt")
-        ctx.tracking.log_connectivity(self, curves, work / "interpolation.png",
-                                      settings.method)
+        ctx.tracking.log_connectivity(self, curves, work / "interpolation.png", self.method)
 
 
 def load_perm(path: Path) -> dict[str, torch.Tensor]:
@@ -305,12 +368,17 @@ class ArmStage(Stage):
     def reads(self):
         return tuple(s for s in (self.init.stage, self.round, self.matching) if s)
 
+    @property
+    def shown(self) -> str:
+        """The arm's name in records and reports: a permuted arm's with its match suffix."""
+        return self.arm.name + (self.matching.suffix if self.matching else "")
+
     def order(self) -> tuple:
         return ("arm", self.seed, self.rewind_epoch)
 
     def wandb_config(self, ctx) -> dict:
         hp = ctx.config["model"]
-        return {"method": self.arm.name, "sparsity": self.sparsity,
+        return {"method": self.shown, "sparsity": self.sparsity,
                 "rewind_epoch": self.rewind_epoch, "seed": self.seed, "width": hp["width"],
                 "model": hp["arch"], "dataset": ctx.config["data"]["dataset"]}
 

@@ -71,7 +71,17 @@ class Store:
 
     def verify(self, stage: StoredStage) -> bool:
         """True when the finished stage exists and every file matches its checksum."""
-        final = self.path(stage)
+        return self.intact(self.path(stage))
+
+    def finished(self, kind: str) -> list[Path]:
+        """The folders of every finished stage of ``kind`` (check one with ``intact``)."""
+        folder = self.root / kind
+        return [path for path in sorted(folder.iterdir())
+                if (path / MANIFEST).is_file()] if folder.is_dir() else []
+
+    @staticmethod
+    def intact(final: Path) -> bool:
+        """Every file of the finished stage in ``final`` matches its checksum."""
         try:
             manifest = load_json(final / MANIFEST)
             return all(file_sha256(final / name) == digest

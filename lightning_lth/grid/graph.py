@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from lightning_lth.errors import LTHError
-from lightning_lth.experiment.plan import in_order
+from lightning_lth.experiment.plan import in_order, match_pairs
 from lightning_lth.experiment.stages import ArmGroup, ArmStage, Stage
 
 ONLY = "study.only."
@@ -152,13 +152,19 @@ def units(stages: Sequence[Stage], groups: Sequence[ArmGroup] = ()) -> list[tupl
 def selects(arm: ArmStage, params: dict) -> bool:
     """Whether a cell's ``study.only.*`` values select this arm (as ``build_plan`` does)."""
     only = {name[len(ONLY):]: value for name, value in params.items() if name.startswith(ONLY)}
-    unknown = set(only) - {"sparsity", "rewind_epoch", "arm"}
+    unknown = set(only) - {"sparsity", "rewind_epoch", "arm", "match_epoch", "match_method"}
     if unknown:
         raise LTHError(f"unknown grid parameter(s) {', '.join(ONLY + n for n in unknown)}; "
-                       f"valid: {ONLY}sparsity, {ONLY}rewind_epoch, {ONLY}arm")
+                       f"valid: {ONLY}sparsity, {ONLY}rewind_epoch, {ONLY}arm, "
+                       f"{ONLY}match_epoch, {ONLY}match_method")
+    matching, epochs = arm.matching, arm.rewind_epoch + arm.epochs
     return ((only.get("sparsity") is None or math.isclose(arm.sparsity, only["sparsity"]))
             and (only.get("rewind_epoch") is None or arm.rewind_epoch == only["rewind_epoch"])
-            and (only.get("arm") is None or arm.arm.name == only["arm"]))
+            and (only.get("arm") is None or arm.arm.name == only["arm"])
+            and (matching is None or only.get("match_method") in (None, matching.method))
+            and (matching is None or only.get("match_epoch") is None
+                 or match_pairs([only["match_epoch"]], epochs)[0]
+                 == (matching.a_epoch, matching.b_epoch)))
 
 
 def build_graph(spec: GridSpec) -> GridGraph:
@@ -184,7 +190,8 @@ def build_graph(spec: GridSpec) -> GridGraph:
         runners.append(runner)
         stores.add(runner.store.root.resolve())
         model = runner.config["model"]
-        shared_stages = [plan.dense_a, plan.dense_b, *plan.rounds, plan.match]
+        full_b = [plan.dense_b] if plan.b_epochs_saved == 0 else []  # else read by matches
+        shared_stages = [plan.dense_a, *full_b, *plan.rounds, *plan.matches]
         walks = []
         for params in members:
             arms = [arm for arm in plan.arms if selects(arm, params)]
@@ -208,8 +215,8 @@ def build_graph(spec: GridSpec) -> GridGraph:
             inside = {stage.key for stage in unit}
             needs = {unit_of[read.key] for stage in unit for read in stage.reads()
                      if read.key not in inside}
-            if not inside & shared_keys:  # see the module docstring
-                needs.add(unit_of[plan.match.key])
+            if not inside & shared_keys and plan.final_match:  # see the module docstring
+                needs.add(unit_of[plan.final_match.key])
             nodes[head.key] = Node(
                 key=head.key, stages=tuple(s.key for s in unit),
                 kind=FUSED if len(unit) > 1 else head.kind,

@@ -49,7 +49,8 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
           method: str = "activation", batches: Iterable | None = None,
           num_batches: int | None = None, seed: int = 0, eps: float = 1e-4,
           max_iter: int = 100, check: bool = True,
-          context: DistContext | None = None) -> dict[str, torch.Tensor]:
+          context: DistContext | None = None,
+          correlations: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The permutation ``pi`` that aligns A to B: ``{group: LongTensor}`` on the CPU.
 
     spec: defaults to ``model_a.permutation_spec()``; it is checked first with
@@ -61,6 +62,8 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
     data; trained nets' activations have std around 0.1 to 1).
     max_iter: weight matching's maximum passes over all groups.
     context: the DDP context (default: this process's); under DDP every rank must call.
+    correlations: ``activation_correlations`` of these nets on these batches, when the caller
+    has them already: activation matching then solves on them instead of another pass.
     """
     context = context if context is not None else DistContext()
     if method not in METHODS:
@@ -71,9 +74,12 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
     if check:
         check_spec(model_a, spec, seed=seed)
     if method == "activation":
-        if batches is None:
-            raise LTHError("activation matching needs training batches (batches=...)")
-        return activation_match(model_a, model_b, spec, batches, num_batches, eps, context)
+        if correlations is None:
+            if batches is None:
+                raise LTHError("activation matching needs training batches (batches=...)")
+            correlations = activation_correlations(model_a, model_b, spec, batches,
+                                                   num_batches, eps, context)
+        return _assign(correlations, context, _device(model_a))
     return weight_match(dict(model_a.named_parameters()), dict(model_b.named_parameters()),
                         spec, seed=seed, max_iter=max_iter, context=context)
 
@@ -215,12 +221,47 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
-@torch.no_grad()
 def activation_match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
                      batches: Iterable, num_batches: int | None = None,
                      eps: float = 1e-4,
                      context: DistContext | None = None) -> dict[str, torch.Tensor]:
     """Activation matching (module docstring). Does not run the spec checker: use match()."""
+    context = context if context is not None else DistContext()
+    correlations = activation_correlations(model_a, model_b, spec, batches, num_batches, eps,
+                                           context)
+    return _assign(correlations, context, _device(model_a))
+
+
+def _assign(correlations: Mapping[str, torch.Tensor], context: DistContext | None,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    # rows: B's units, columns: A's units -> p[j] = A's unit for B's unit j
+    context = context if context is not None else DistContext()
+    scores = {group: corr.T for group, corr in correlations.items()}
+    return context.broadcast_tensors(solve_assignments(scores), device)
+
+
+def matched_correlation(correlations: Mapping[str, torch.Tensor],
+                        perm: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per group, the mean correlation of the unit pairs ``perm`` matches (B's unit j with
+    A's unit ``perm[j]``): how well pi lines the nets up, whichever method found it."""
+    return {group: float(corr[perm[group].cpu(), torch.arange(len(perm[group]))].mean())
+            for group, corr in correlations.items()}
+
+
+def perm_agreement(perm: Mapping[str, torch.Tensor],
+                   reference: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per group, the fraction of units ``perm`` maps as ``reference`` does."""
+    return {group: float((perm[group].cpu() == reference[group].cpu()).double().mean())
+            for group in reference}
+
+
+@torch.no_grad()
+def activation_correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                            batches: Iterable, num_batches: int | None = None,
+                            eps: float = 1e-4, context: DistContext | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """``{group: corr}`` on the CPU, ``corr[i, j]`` between A's unit i and B's unit j at the
+    group's match point, over the batches of every rank (module docstring)."""
     context = context if context is not None else DistContext()
     if num_batches is not None and num_batches < 1:
         raise LTHError(f"num_batches must be >= 1 or None, got {num_batches}")
@@ -273,9 +314,7 @@ def activation_match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSp
         if m.n is None or float(m.n) == 0:
             raise LTHError(f"activation matching saw no activations for group {group!r} "
                            f"(empty batches?)")
-    # rows: B's units, columns: A's units -> p[j] = A's unit for B's unit j
-    scores = {group: moments[group].correlation(eps).T.cpu() for group in sizes}
-    return context.broadcast_tensors(solve_assignments(scores), device_a)
+    return {group: moments[group].correlation(eps).cpu() for group in sizes}
 
 
 def _readers(model_a, model_b, spec, sizes):
