@@ -23,6 +23,7 @@ import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,17 +31,45 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lightning_lth.errors import LTHError
-from lightning_lth.experiment.results import invalid
+from lightning_lth.experiment.results import Record, invalid
 from lightning_lth.experiment.store import SETTINGS, stage_times
 from lightning_lth.io import load_json, write_atomic
 
-METHODS = ("lth", "naive", "permuted")
+METHODS = ("lth", "naive", "permuted")  # the arm registry; a permuted arm matched at other
+# epochs or by another method is "permuted" + its match suffix (plan.match_suffix)
 _LABELS = {"lth": "LTH", "naive": "naive", "permuted": "permuted"}
 _COLORS = {"lth": "tab:green", "naive": "tab:red", "permuted": "tab:blue"}
+_MORE_COLORS = ("tab:purple", "tab:orange", "tab:cyan", "tab:olive", "tab:brown", "tab:pink",
+                "tab:gray")
+_MATCH_FIELDS = {f.name: f.default for f in fields(Record) if f.default is not MISSING}
 
 # One sparse run is identified by these; a rerun appends a second line that replaces the first.
 _RUN_ID = ("config_hash", "model", "dataset", "width", "seed", "method", "sparsity",
            "rewind_epoch")
+
+
+def base_method(method: str) -> str:
+    """The arm registry's name inside a record's method ("permuted@b1[weight]": permuted)."""
+    return method.split("@")[0].split("[")[0]
+
+
+def method_order(records: list[dict]) -> list[str]:
+    """The methods present: LTH, naive, permuted, then the permuted arms matched at other
+    epochs or by other methods, by B's matching epoch, A's, method."""
+    where = {r["method"]: (r["match_epoch_b"] or 0, r["match_epoch_a"] or 0,
+                           r["match_method"] or "") for r in records}
+    return sorted(where, key=lambda m: (METHODS.index(base_method(m)), m != base_method(m),
+                                        where[m]))
+
+
+def _label(method: str) -> str:
+    return _LABELS.get(method, method)
+
+
+def _colors(methods: list[str]) -> dict[str, str]:
+    variants = [m for m in methods if m not in _COLORS]
+    return {**_COLORS, **{m: _MORE_COLORS[i % len(_MORE_COLORS)]
+                          for i, m in enumerate(variants)}}
 
 Group = tuple[str, str, int, str]  # (model, dataset, width, config hash)
 Table = tuple[list[str], list[list[str]]]  # header, rows of markdown cells (**bold**)
@@ -53,7 +82,7 @@ def validate_record(rec) -> str | None:
     """Why ``rec`` is not a usable record, or None; beyond the Record type's own checks, the
     method must be an arm this report knows how to draw."""
     why = invalid(rec)
-    if why is None and rec["method"] not in METHODS:
+    if why is None and base_method(rec["method"]) not in METHODS:
         return f"unknown method {rec['method']!r} (allowed: {', '.join(METHODS)})"
     return why
 
@@ -71,6 +100,7 @@ def _collect(items) -> tuple[list[dict], list[str]]:
         if why:
             problems.append(f"{where}: {why}")
             continue
+        rec = {**_MATCH_FIELDS, **rec}  # records from before the match fields existed
         rid = _run_id(rec)
         if rid in kept:
             problems.append(f"{kept[rid][0]}: superseded by a rerun of the same arm at {where}")
@@ -170,15 +200,16 @@ def accuracy_rows(records: list[dict]) -> tuple[Table, str]:
     """Tables 3-5 and their caption; the best mean per (sparsity, k) is bold, a cell whose
     seed count differs from the group's most common one shows its n."""
     cells = cell_stats(records)
+    methods = method_order(records)
     sparsities = sorted({s for s, _, _ in cells})
     ks = sorted({k for _, _, k in cells})
     n_common = statistics.mode(n for _, _, n in cells.values())
     rows = []
     for s in sparsities:
-        best = {k: max((round(100 * cells[(s, m, k)][0], 2) for m in METHODS if (s, m, k) in cells),
+        best = {k: max((round(100 * cells[(s, m, k)][0], 2) for m in methods if (s, m, k) in cells),
                        default=None) for k in ks}
-        for i, m in enumerate(METHODS):
-            row = [_sparsity_label(s) if i == 0 else "", _LABELS[m]]
+        for i, m in enumerate(methods):
+            row = [_sparsity_label(s) if i == 0 else "", _label(m)]
             for k in ks:
                 if (s, m, k) not in cells:
                     row.append("–")
@@ -241,12 +272,136 @@ def barrier_table(groups: dict[Group, list[dict]]) -> str:
     return markdown_table(barrier_rows(groups))
 
 
+def _matched(records: list[dict]) -> list[dict]:
+    """The permuted arms' records that say where their pi was found."""
+    return [r for r in records if r["match_method"] is not None]
+
+
+def _series(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(method, which A) -> records, for curves over B's matching epoch: "A at T" (a bare
+    epoch in study.match.epochs) or "A at B's epoch" (pairs [j, j]); the match of both nets at
+    T ends both curves. Other pairs get a series of their own A epoch."""
+    matched = _matched(records)
+    final = max((max(r["match_epoch_a"], r["match_epoch_b"]) for r in matched), default=0)
+    out: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in matched:
+        a, b = r["match_epoch_a"], r["match_epoch_b"]
+        if a == b:
+            out[(r["match_method"], "A at B's epoch")].append(r)
+        if a != b or a == final:
+            out[(r["match_method"], f"A at {a}" if a != final else "A at T")].append(r)
+    # a series is a curve only if it has an early point
+    return {key: recs for key, recs in sorted(out.items())
+            if len({r["match_epoch_b"] for r in recs}) > 1}
+
+
+def matching_rows(records: list[dict]) -> Table | None:
+    """Each pi of the study: where it was found, by what, B's accuracy and the barrier there,
+    and per permutation group its agreement with the final pi (same method, both nets at T;
+    only where B reached T) and the mean correlation of the units it pairs; means over seeds.
+    None when the records hold no permuted arm with these fields."""
+    matched = _matched(records)
+    if not matched:
+        return None
+    per_match: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in matched:
+        per_match[r["method"]][r["seed"]] = r  # these fields repeat on every arm of one pi
+    groups = sorted({g for r in matched for g in r["pi_correlation"] or {}})
+    header = ["Arm", "Method", "A epoch", "B epoch", "B acc at match (%)",
+              "Error barrier after (%)", *[f"agreement {g}" for g in groups],
+              *[f"corr {g}" for g in groups], "Seeds"]
+    rows = []
+    for label in method_order(matched):
+        recs = list(per_match[label].values())
+        first = recs[0]
+
+        def mean_of(values: list) -> str:
+            return f"{statistics.fmean(values):.3f}" if values else "–"
+
+        rows.append([label, first["match_method"], str(first["match_epoch_a"]),
+                     str(first["match_epoch_b"]),
+                     _pct(*_stats([r["acc_b_at_match"] for r in recs])),
+                     _pct(*_stats([r["barrier_error_after_at_match"] for r in recs])),
+                     *[mean_of([r["pi_agreement"][g] for r in recs if r["pi_agreement"]])
+                       for g in groups],
+                     *[mean_of([r["pi_correlation"][g] for r in recs]) for g in groups],
+                     str(len(recs))])
+    return header, rows
+
+
+def plot_vs_match_epoch(records: list[dict], title: str) -> bytes | None:
+    """Permuted-arm accuracy against B's matching epoch, one panel per (sparsity, k), LTH and
+    naive as horizontal lines; None without early matches."""
+    series = _series(records)
+    if not series:
+        return None
+    cells = sorted({(round(r["sparsity"], 6), r["rewind_epoch"]) for r in _matched(records)})
+    fig, axes = _grid(len(cells))
+    fig.set_layout_engine("constrained")  # room for the title above the panels' titles
+    colors = dict(zip(series, _MORE_COLORS[1:] + _MORE_COLORS[:1], strict=False))
+    for ax, (s, k) in zip(axes, cells, strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for (method, which), recs in series.items():
+            by_epoch: dict[int, list[float]] = defaultdict(list)
+            for r in recs:
+                if (round(r["sparsity"], 6), r["rewind_epoch"]) == (s, k):
+                    by_epoch[r["match_epoch_b"]].append(r["test_acc"])
+            if by_epoch:
+                x = sorted(by_epoch)
+                ax.errorbar(x, [100 * _stats(by_epoch[e])[0] for e in x],
+                            yerr=[100 * _stats(by_epoch[e])[1] for e in x], marker="o",
+                            capsize=3, color=colors[(method, which)],
+                            label=f"permuted ({method}, {which})")
+        for m in ("lth", "naive"):
+            accs = [r["test_acc"] for r in records if r["method"] == m
+                    and (round(r["sparsity"], 6), r["rewind_epoch"]) == (s, k)]
+            if accs:
+                ax.axhline(100 * statistics.fmean(accs), color=_COLORS[m], linestyle="--",
+                           label=_LABELS[m])
+        ax.set(title=f"sparsity {_sparsity_label(s)}, k = {k}", xlabel="B's matching epoch",
+               ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: accuracy vs the epoch pi was found at")
+    return _png(fig)
+
+
+def plot_agreement(records: list[dict], title: str) -> bytes | None:
+    """Per permutation group, the fraction of units each pi maps as the final pi does,
+    against B's matching epoch (means over seeds); None without early matches where B
+    reached T."""
+    series = {key: [r for r in recs if r["pi_agreement"]] for key, recs in
+              _series(records).items()}
+    series = {key: recs for key, recs in series.items() if recs}
+    if not series:
+        return None
+    fig = Figure(figsize=(5.5, 3.6))
+    ax = fig.subplots()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    styles = ("-", "--", ":", "-.")
+    for index, ((method, which), recs) in enumerate(series.items()):
+        per_pi = {(r["seed"], r["match_epoch_b"]): r["pi_agreement"] for r in recs}
+        groups = sorted({g for agreement in per_pi.values() for g in agreement})
+        for color, group in zip(_MORE_COLORS * len(groups), groups, strict=False):
+            x = sorted({b for _, b in per_pi})
+            ax.plot(x, [statistics.fmean(a[group] for (_, b), a in per_pi.items() if b == e)
+                        for e in x], styles[index % len(styles)], marker="o", color=color,
+                    label=f"{group} ({method}, {which})")
+    ax.set(xlabel="B's matching epoch", ylabel="agreement with the final pi",
+           ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: how early pi is found")
+    return _png(fig)
+
+
 def csv_rows(groups: dict[Group, list[dict]]) -> list[list]:
     rows = [["model", "dataset", "width", "config_hash", "sparsity", "method", "rewind_epoch",
              "test_acc_mean", "test_acc_std", "n"]]
     for (model, dataset, width, config), recs in groups.items():
         cells = cell_stats(recs)
-        for (s, m, k) in sorted(cells, key=lambda c: (c[0], METHODS.index(c[1]), c[2])):
+        order = method_order(recs)
+        for (s, m, k) in sorted(cells, key=lambda c: (c[0], order.index(c[1]), c[2])):
             mean, std, n = cells[(s, m, k)]
             rows.append([model, dataset, width, config, s, m, k, repr(mean), repr(std), n])
     return rows
@@ -281,15 +436,17 @@ def _accuracy_panels(records: list[dict], title: str, panels: list, panel_of, x_
                      panel_title, xlabel: str) -> bytes:
     """One panel per value of ``panel_of(cell)``: accuracy vs ``x_of(cell)`` per method."""
     cells = cell_stats(records)
+    methods = method_order(records)
+    colors = _colors(methods)
     fig, axes = _grid(len(panels))
     for ax, panel in zip(axes, panels, strict=True):
-        for m in METHODS:
+        for m in methods:
             pts = sorted((x_of(key), mean, std) for key, (mean, std, _) in cells.items()
                          if panel_of(key) == panel and key[1] == m)
             if pts:
                 x, mean, std = zip(*pts, strict=True)
                 ax.errorbar(x, [100 * v for v in mean], yerr=[100 * v for v in std],
-                            marker="o", capsize=3, color=_COLORS[m], label=_LABELS[m])
+                            marker="o", capsize=3, color=colors[m], label=_label(m))
         _dense_line(ax, records)
         ax.set(title=panel_title(panel), xlabel=xlabel, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -416,18 +573,20 @@ def plot_arm_curves(records: list[dict], curves: dict, title: str) -> bytes | No
         return None
     splits = sorted({curves[r["key"]][0] for r in records if r["key"] in curves})
     label = "val/acc (%)" if splits == ["val/acc"] else f"{' / '.join(splits)} accuracy (%)"
+    methods = method_order(records)
+    colors = _colors(methods)
     fig, axes = _grid(len(cells))
     fig.set_layout_engine("constrained")  # room for the title above the panels' titles
     for ax, (s, k) in zip(axes, cells, strict=True):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for m in METHODS:
+        for m in methods:
             runs = [dict(curves[r["key"]][1]) for r in records if r["key"] in curves
                     and (round(r["sparsity"], 6), r["rewind_epoch"], r["method"]) == (s, k, m)]
             epochs = sorted(set().union(*runs)) if runs else []
             if epochs:
                 ax.plot(epochs, [100 * statistics.fmean(run[e] for run in runs if e in run)
-                                 for e in epochs], marker=".", color=_COLORS[m],
-                        label=f"{_LABELS[m]} (n={len(runs)})")
+                                 for e in epochs], marker=".", color=colors[m],
+                        label=f"{_label(m)} (n={len(runs)})")
         ax.set(title=f"sparsity {_sparsity_label(s)}, k = {k}", xlabel="epoch (of T)",
                ylabel=label)
         ax.grid(alpha=0.3)
@@ -580,6 +739,21 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
         png = plot_arm_curves(recs, curves, title)
         if png is not None:
             figure(f"{stem}_arm_curves.png", "accuracy over each arm's epochs", png)
+        matching = matching_rows(recs)
+        if matching is not None:
+            blocks += [("p", "Each pi of the study (permuted arms: `permuted@b{j}` matched B "
+                             "at epoch j and A at T, `@a{i}b{j}` A at i and B at j, "
+                             "`[method]` another matching method): B's accuracy and the "
+                             "error barrier after matching at those epochs; per permutation "
+                             "group, the fraction of units mapped as by the final pi (same "
+                             "method, both nets at T) and the mean activation correlation of "
+                             "the units pi pairs."), ("table", matching)]
+        png = plot_vs_match_epoch(recs, title)
+        if png is not None:
+            figure(f"{stem}_vs_match_epoch.png", "accuracy vs matching epoch", png)
+        png = plot_agreement(recs, title)
+        if png is not None:
+            figure(f"{stem}_agreement.png", "agreement with the final pi", png)
         png, interp_notes = plot_interpolation(recs, title)
         notes += [f"{stem}: {n}" for n in interp_notes]
         if png is not None:

@@ -95,9 +95,14 @@ EXPECTED: dict[str, Expect] = {
     "study.prune.fraction": Expect(frozenset(ARMS), DENSE | {"match"}, value=0.3),
     "study.prune.chain": plan_shaping(DENSE | {"match"}, "per_target"),
     "study.match": exact({"match", "arm permuted"}),
-    "study.match.method": exact({"match", "arm permuted"}, value="weight"),
     # only the curves change, but pi's stage is re-keyed, and the permuted arms read it
     "study.match.repair": exact({"match", "arm permuted"}, value=True),
+    # another method adds match stages and arms (match[weight]); the study's own keep keys
+    "study.match.methods": plan_shaping(ALL, ["activation", "weight"]),
+    # new match stages and permuted arms (permuted@b1); the study's own keep their keys
+    "study.match.epochs": plan_shaping(ALL, [1, 3]),
+    "study.only.match_epoch": exact(set(), value=3),
+    "study.only.match_method": exact(set(), value="activation"),
     "study.sparse": exact(ARMS),
     "study.sparsities": plan_shaping(DENSE | {"match"}, [0.5, 0.9]),
     "study.rewind_epochs": plan_shaping(ALL, [0, 2]),
