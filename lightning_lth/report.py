@@ -56,8 +56,8 @@ def base_method(method: str) -> str:
 def method_order(records: list[dict]) -> list[str]:
     """The methods present: LTH, naive, permuted, then the permuted arms matched at other
     epochs or by other methods, by B's matching epoch, A's, method."""
-    where = {r["method"]: (r["match_epoch_b"] or 0, r["match_epoch_a"] or 0,
-                           r["match_method"] or "") for r in records}
+    where = {r["method"]: (r.get("match_epoch_b") or 0, r.get("match_epoch_a") or 0,
+                           r.get("match_method") or "") for r in records}
     return sorted(where, key=lambda m: (METHODS.index(base_method(m)), m != base_method(m),
                                         where[m]))
 
@@ -100,7 +100,6 @@ def _collect(items) -> tuple[list[dict], list[str]]:
         if why:
             problems.append(f"{where}: {why}")
             continue
-        rec = {**_MATCH_FIELDS, **rec}  # records from before the match fields existed
         rid = _run_id(rec)
         if rid in kept:
             problems.append(f"{kept[rid][0]}: superseded by a rerun of the same arm at {where}")
@@ -139,8 +138,10 @@ def load_wandb_records(project: str, entity: str | None = None) -> tuple[list[di
     path = f"{entity}/{project}" if entity else project
     try:
         runs = list(wandb.Api(timeout=30).runs(path))
-        items = [(f"run {run.id}", {**dict(run.config), **dict(run.summary.items())})
-                 for run in runs]
+        items = [(f"run {run.id}", {**dict(run.config), **{
+            # nested summaries (pi_agreement, pi_correlation) come back as W&B's own mappings
+            key: dict(value.items()) if hasattr(value, "items") else value
+            for key, value in run.summary.items()}}) for run in runs]
     except Exception as exc:  # network, auth and 404 errors come as many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise LTHError(f"cannot read W&B project {path!r} ({type(exc).__name__}: {first}); "
@@ -706,6 +707,7 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
     stage store the records came from) adds the arms' curves and the study's cost."""
     if not records:
         raise LTHError("no valid records to report")
+    records = [{**_MATCH_FIELDS, **rec} for rec in records]  # older records lack these
     out = Path(out_dir)
     groups = _groups(records)
     images: dict[str, bytes] = {}

@@ -367,10 +367,13 @@ def dashboard(tmp_path_factory):
 
 def test_dashboard_holds_every_table_and_figure(dashboard):
     out, md, page = dashboard
-    assert len(page.tables) == 3  # accuracy (one group), barriers, study cost
+    assert len(page.tables) == 4  # accuracy (one group), its pi, barriers, study cost
     for table in page.tables:
         assert len(table) > 1 and all(cell for row in table[1:] for cell in row[1:])
-    accuracy, barriers, cost = page.tables
+    accuracy, matching, barriers, cost = page.tables
+    assert [row[:4] for row in matching[1:]] == [["permuted", "activation", "3", "3"]]
+    assert matching[0][6:8] == ["agreement layer0", "agreement layer1"]
+    assert matching[1][6:8] == ["1.000", "1.000"]  # the final pi agrees with itself
     assert [row[1] for row in accuracy[1:]] == ["LTH", "naive", "permuted"] * 2
     assert barriers[0][-1] == "Seeds" and barriers[1][-1] == "1"
     assert [row[0] for row in cost[1:]] == ["dense", "imp", "match", "arm", "all"]
