@@ -167,7 +167,7 @@ class DenseStage(Stage):
                 shutil.copyfile(folder / CONTINUE_FILE, checkpoint)
                 ctx.store.log_event("continue", self, source=folder.name, epoch=reached)
                 start = str(checkpoint)
-        return ctx.dist.broadcast(start) if ctx.dist.active else start
+        return ctx.dist.broadcast(start)  # every rank resumes from rank 0's copy
 
     def weights(self, epoch: int | None) -> WeightsRef:
         """Epoch k's snapshot (None: the final weights)."""
