@@ -30,12 +30,15 @@ TIMING_AND_PATHS = ("wall_time_s", "finished_at", "connectivity")
 def stage_counts(sweep: dict) -> int:
     """Unique stages by hand: per (width, seed) dense A and B, one shared IMP chain (20 % of
     the live weights per round: the rounds to the highest target), the matching, and each
-    (sparsity, k, arm) cell's arm."""
+    (sparsity, k, arm) cell's arm; with study.only.match_epoch one matching and one permuted
+    arm per matching epoch (the lth and naive cells repeat per epoch: one arm each)."""
     values = {name: spec["values"] for name, spec in sweep["parameters"].items()}
     rounds = math.ceil(math.log(1 - max(values["study.only.sparsity"])) / math.log(0.8))
-    arms = math.prod(len(values[f"study.only.{n}"]) for n in ("sparsity", "rewind_epoch", "arm"))
+    matches = len(values.get("study.only.match_epoch", [None]))
+    kinds = len(values["study.only.arm"]) - 1 + matches  # permuted once per matching epoch
+    arms = math.prod(len(values[f"study.only.{n}"]) for n in ("sparsity", "rewind_epoch"))
     per_net = len(values["seed_everything"]) * len(values["model.width"])
-    return per_net * (2 + rounds + 1 + arms)
+    return per_net * (2 + rounds + matches + arms * kinds)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS.glob("*.yaml")
@@ -48,7 +51,9 @@ def test_the_graph_of_each_sweep_file_holds_each_stage_once(name, tmp_path, monk
     assert len(graph.cells) == math.prod(len(p["values"]) for p in sweep["parameters"].values())
     assert len(graph.nodes) == stage_counts(sweep)
     kinds = [node.kind for node in graph.nodes.values()]
-    assert kinds.count("arm") == len(graph.cells)  # one cell, one arm
+    # one cell, one arm (its last unit); cells that differ only in the matching epoch of a
+    # non-permuted arm share it
+    assert kinds.count("arm") == len({cell.units[-1] for cell in graph.cells})
     seen = set()
     for node in graph.nodes.values():  # each after what it reads
         assert set(node.needs) <= seen
@@ -65,7 +70,8 @@ def test_dry_run_prints_every_stage_and_the_makespans(tmp_path, capsys, monkeypa
                  f"--study.store={tmp_path}", *NO_WANDB]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = [line for line in out if line.split()[:1] and line.split()[0].isdigit()]
-    assert len(rows) == 93 and len({row.split()[-1] for row in rows}) == 93
+    demo = yaml.safe_load((SWEEPS / "demo_fmnist.yaml").read_text())
+    assert len(rows) == stage_counts(demo) == len({row.split()[-1] for row in rows})
     assert any(line.startswith("estimated makespan:") and "W&B grid order" in line
                for line in out)
     assert not (tmp_path / "events.log").exists()  # nothing ran
