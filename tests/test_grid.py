@@ -234,7 +234,7 @@ def test_a_fused_grid_has_one_unit_per_group_across_cells(tmp_path, capsys):
         assert {arm.arm.name for arm in members} == {"lth", "permuted"}  # spans both cells
         assert node.epochs == sum(arm.epochs for arm in members)
         assert set(node.needs) == {read.key for arm in members for read in arm.reads()} | {
-            plan.match.key}  # what its members read, and the matching
+            plan.final_match.key}  # what its members read, and the matching
     for cell in graph.cells:  # each cell walks the groups holding its arms
         mine = {key for key, arm in arms.items() if arm.arm.name == cell.params["study.only.arm"]}
         walked = {key for unit in cell.units for key in graph.nodes[unit].stages}
