@@ -117,6 +117,7 @@ class Plan:
             by_order.setdefault(fusable(arm), []).append(arm)
         return [ArmGroup(tuple(arms[start:start + size])) for arms in by_order.values()
                 for start in range(0, len(arms), size)]
+
     @property
     def b_epochs_saved(self) -> int:
         """Dense B's epochs this study does not train, against training B to T."""
