@@ -19,8 +19,9 @@ Per member the math is the alone run's: the loss is the sum of the members' mean
 each member's gradient is its own loss's; SGD with momentum and weight decay acts element by
 element, so one optimizer over the stacked tensors is each member's own optimizer (its
 momentum buffer is its slice); the cosine schedule is shared because the members share T - k.
-Masks are stacked bool tensors: gradients are masked by a hook and the weights re-masked
-after every optimizer step, as in ``LTHModule``. Only the kernels differ (a batched matmul
+Masks are stacked bool tensors, held as 0.0/1.0 in the weights' dtype while fitting: the
+gradients are masked in place once accumulated and the weights re-masked after every
+optimizer step, by ``LTHModule``'s own code (``hold_masks``). Only the kernels differ (a batched matmul
 instead of a matmul), so members equal their alone runs to float tolerance, not bit for bit.
 """
 
@@ -37,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from lightning_lth.errors import LTHError
-from lightning_lth.module import LTHModule
+from lightning_lth.module import LTHModule, float_mask_pairs, hold_masks
 
 # The hyperparameters members must share to train as one model.
 SHARED = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs", "lr",
@@ -65,9 +66,11 @@ class FusedArms(L.LightningModule):
             if differ:
                 raise LTHError(f"arms differ in {', '.join(differ)}: they cannot train as one "
                                f"fused group")
-        if first.get("compile") or first.get("channels_last"):
-            raise LTHError("model.compile and model.channels_last are not supported with "
-                           "fused arms; set study.fuse=1")
+        unsupported = [f"model.{name}" for name in ("compile", "channels_last", "cuda_graphs")
+                       if first.get(name)]
+        if unsupported:
+            raise LTHError(f"{' and '.join(unsupported)} not supported with fused arms; set "
+                           f"study.fuse=1 or {unsupported[0]}=false")
         masks = [member.mask for member in members]
         if any(mask is None for mask in masks) or len({tuple(sorted(m.tensors)) for m in masks}) > 1:
             raise LTHError("fused arms need one mask each, over the same parameters")
@@ -137,26 +140,15 @@ class FusedArms(L.LightningModule):
 
     # -- the fixed masks ------------------------------------------------------------------
     def _mask_pairs(self):
-        return [(getattr(self.stacked, _slot(name)), getattr(self.masks, _slot(name)))
-                for name in self.mask_names]
+        """(stacked parameter, its stacked mask as 0.0/1.0 in the parameter's dtype)."""
+        return float_mask_pairs((getattr(self.stacked, _slot(name)),
+                                 getattr(self.masks, _slot(name))) for name in self.mask_names)
 
     def on_fit_start(self) -> None:
         for handle in self._hooks:  # left by a fit that raised
             handle.remove()
         self._hooks.clear()
-        pairs = self._mask_pairs()
-        self._remask(pairs)
-        for param, keep in pairs:
-            self._hooks.append(param.register_hook(lambda grad, keep=keep: grad * keep))
-        for optimizer in self.trainer.optimizers:
-            self._hooks.append(optimizer.register_step_post_hook(
-                lambda *_: self._remask(pairs)))
-
-    @staticmethod
-    @torch.no_grad()
-    def _remask(pairs) -> None:
-        for param, keep in pairs:
-            param.mul_(keep)
+        self._hooks += hold_masks(self._mask_pairs(), self.trainer.optimizers)
 
     def on_fit_end(self) -> None:
         for handle in self._hooks:

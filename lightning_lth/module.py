@@ -70,6 +70,31 @@ def _grad_masker(keep: torch.Tensor):
     return mask_grad
 
 
+def float_mask_pairs(pairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, its bool mask as 0.0/1.0 in the parameter's dtype and device): an in-place
+    float multiply, not a bool one converted at every call."""
+    return [(param, keep.to(param.device, param.dtype)) for param, keep in pairs]
+
+
+@torch.no_grad()
+def remask(pairs) -> None:
+    """Every parameter times its 0.0/1.0 mask, in place, in one foreach call."""
+    if pairs:
+        torch._foreach_mul_([param for param, _ in pairs], [keep for _, keep in pairs])
+
+
+def hold_masks(pairs, optimizers) -> list:
+    """Keep the pruned weights of ``pairs`` (from ``float_mask_pairs``) at exactly 0.0 while
+    fitting: re-mask now, mask each gradient once accumulated (before DDP reduces or clipping
+    reads it), re-mask after every optimizer step. Returns the hook handles to remove."""
+    remask(pairs)
+    handles = [param.register_post_accumulate_grad_hook(_grad_masker(keep))
+               for param, keep in pairs]
+    handles += [optimizer.register_step_post_hook(lambda *_: remask(pairs))
+                for optimizer in optimizers]
+    return handles
+
+
 class LTHModule(L.LightningModule):
     def __init__(self, arch: str = "resnet20", width: int = 1, num_classes: int = 10,
                  in_channels: int = 3, image_size: int = 32, arch_kwargs: dict | None = None,
@@ -137,8 +162,7 @@ class LTHModule(L.LightningModule):
     def _mask_pairs(self):
         """(parameter, its mask as 0.0/1.0 in the parameter's dtype and device)."""
         params = dict(self.net.named_parameters())
-        return [(params[name], keep.to(params[name].device, params[name].dtype))
-                for name, keep in self.mask.tensors.items()]
+        return float_mask_pairs((params[name], keep) for name, keep in self.mask.tensors.items())
 
     def on_fit_start(self) -> None:
         for handle in self._hooks:  # left by a fit that raised: it never reached on_fit_end
@@ -154,12 +178,7 @@ class LTHModule(L.LightningModule):
             return
         self.mask.check_fits(self.net, self.hparams.arch, self.hparams.width)
         pairs = self._mask_pairs()
-        self._remask(pairs)
-        for param, keep in pairs:  # after accumulation, before DDP reduces or clipping reads it
-            self._hooks.append(param.register_post_accumulate_grad_hook(_grad_masker(keep)))
-        for optimizer in self.trainer.optimizers:
-            self._hooks.append(optimizer.register_step_post_hook(
-                lambda *_: self._remask(pairs)))
+        self._hooks += hold_masks(pairs, self.trainer.optimizers)
         sparsity = {"sparsity/global": self.mask.sparsity()}
         sparsity.update({f"sparsity/{name}": value
                          for name, value in self.mask.layer_sparsity().items()})
@@ -167,12 +186,6 @@ class LTHModule(L.LightningModule):
                        f"{len(pairs)} tensors")
         for logger in self.loggers:
             logger.log_metrics(sparsity, step=0)
-
-    @staticmethod
-    @torch.no_grad()
-    def _remask(pairs) -> None:
-        if pairs:
-            torch._foreach_mul_([param for param, _ in pairs], [keep for _, keep in pairs])
 
     def on_train_start(self) -> None:
         # Here, after a resume has restored the optimizer: the graph must see its final state.

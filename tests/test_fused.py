@@ -77,7 +77,8 @@ class MaskChecks(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         for param, keep in pl_module._mask_pairs():
-            assert torch.all(param[~keep] == 0)
+            assert keep.dtype == param.dtype  # the in-place float multiply, not a bool one
+            assert torch.all(param[keep == 0] == 0)
         self.steps += 1
 
 
@@ -126,6 +127,16 @@ def test_a_model_vmap_cannot_run_is_refused_before_training():
     for module in group:
         module.mask = Mask({"head.weight": torch.ones(10, 784, dtype=torch.bool)})
     with pytest.raises(LTHError, match="cannot be fused with torch.func.vmap.*study.fuse=1"):
+        FusedArms(group, example_input(1, 28))
+
+
+@pytest.mark.parametrize("switch", ["compile", "channels_last", "cuda_graphs"])
+def test_model_switches_fused_arms_do_not_honour_are_refused(switch):
+    group = members(MODELS["mlp"], 2)
+    for module in group:
+        module.hparams[switch] = True
+    with pytest.raises(LTHError, match=f"^model.{switch} not supported with fused arms; set "
+                                       f"study.fuse=1 or model.{switch}=false$"):
         FusedArms(group, example_input(1, 28))
 
 
