@@ -43,7 +43,7 @@ from lightning_lth.symmetry.matching import perm_agreement
 
 # study.fuse when it is not set, per training device type: the group size (1: arms train
 # one after another). Measured by bench/bench_fused.py (README, "Fused arms"): on CPU the
-# fused group of 12 took 1.15x the time of the arms one after another; on CUDA not
+# fused group of 12 took 1.09-1.12x the time of the arms one after another; on CUDA not
 # measured yet, so off.
 FUSE_DEFAULT = {"cpu": 1, "cuda": 1}
 
