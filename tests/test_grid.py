@@ -261,6 +261,7 @@ def test_a_fused_grid_has_one_unit_per_group_across_cells(tmp_path, capsys):
         assert costs.stage_seconds == {lone.key: 100.0}
 
 
+@pytest.mark.slow  # ~38 s: the killed-worker run covers the local driver by default
 def test_two_local_workers_train_a_fused_group_once_equal_to_the_serial_run(tmp_path):
     """A fused group of 2 arms, one per cell, run by 2 CPU workers: its members are computed
     once, together (events.log: one group, one process), and the records equal a serial
