@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lth.data import DATASETS, DeviceLoader
-from lightning_lth.models import build_model
+from lightning_lth.fused import FusedArms
+from lightning_lth.models import build_model, example_input
 from lightning_lth.module import LTHModule
+from lightning_lth.sparsity.mask import Mask
 
 MEAN, STD = DATASETS["cifar10"].authors_stats
 LR, MOMENTUM, WEIGHT_DECAY = 0.08, 0.9, 5e-4
@@ -67,12 +69,37 @@ class StepTimer(L.Callback):
             self.stop = time.perf_counter()
 
 
-def lightning_rate(args, device: torch.device) -> float:
-    torch.manual_seed(0)
+def resnet20_module(args, seed: int = 0, sparsity: float | None = None) -> LTHModule:
+    """The benched ResNet20x1; with ``sparsity``, a random mask over its weight tensors."""
+    torch.manual_seed(seed)
     module = LTHModule(arch="resnet20", width=1, num_classes=10, lr=LR, momentum=MOMENTUM,
                        weight_decay=WEIGHT_DECAY, schedule="constant",
                        channels_last=args.channels_last, compile=args.compile,
                        cuda_graphs=args.cuda_graphs)
+    if sparsity is not None:
+        module.mask = Mask({name: torch.rand(param.shape) >= sparsity
+                            for name, param in module.net.named_parameters() if param.ndim > 1})
+    return module
+
+
+def lightning_rate(args, device: torch.device, sparsity: float | None = None) -> float:
+    """Images/s of ``Trainer.fit`` on one net (masked with ``sparsity``)."""
+    return fit_rate(args, device, resnet20_module(args, sparsity=sparsity))
+
+
+def fused_rate(args, device: torch.device, sparsities=(0.8, 0.9, 0.95, 0.97), copies: int = 3
+               ) -> float:
+    """Images/s summed over the members of one fused group (``copies`` nets per sparsity,
+    each its own init and mask): the group's throughput, to set against ``lightning_rate``
+    of one masked net (12 nets trained one after another go at that one net's rate)."""
+    members = [resnet20_module(args, seed, sparsity) for seed, sparsity in
+               enumerate(s for s in sparsities for _ in range(copies))]
+    fused = FusedArms(members, example_input(3, 32))
+    return len(members) * fit_rate(args, device, fused)
+
+
+def fit_rate(args, device: torch.device, module: L.LightningModule) -> float:
+    """Images/s (one batch per step) of a real Trainer fitting ``module``, warm-up excluded."""
     timer = StepTimer(args.warmup, args.steps, device)
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=args.precision,
                         max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,

@@ -1,22 +1,30 @@
-"""Issue 15's GPU numbers in one run (about 8 minutes on an H100, compile time included).
+"""Issue 15's GPU numbers in one run, within a time budget (``--budget``, default 420 s).
 
-Synthetic CIFAR-shaped data only (a lent device has no network). In order, each section
-timed and printed as it ends, a failing section reported and the next one run:
+Synthetic CIFAR-shaped data only (a lent device has no network). In order of importance,
+each section timed and printed as it ends, a failing section reported and the next one run;
+a section that would not fit in what is left of the budget (by its estimate) is skipped, and
+one that overruns it is stopped:
 
-1. correctness: ``pytest tests/test_graphs.py`` (the CUDA-graph step against the eager one)
-2. ResNet20x1, batch 128, fp32: images/s of a bare eager PyTorch loop, ``fit`` eager and
-   ``fit`` with ``model.cuda_graphs``, measured side by side (``bench_training``'s sides,
-   rounds interleaved, best of each)
-3. the same with ``configs/trainer/fast.yaml``'s settings (bf16-mixed, channels_last,
-   torch.compile) on every side
-4. fused 12 arms: ``bench/bench_fused.py``'s ``compare()`` (the HOOK below), the fused group
-   of 12 ResNet20x1 arms vs the same arms one after another
-5. matching ResNet20x4 over 50 batches / the time of 50 training steps (``bench_matching``)
+1. correctness: ``CUDA_TESTS`` (the CUDA-graph step against the eager one, the fast options
+   and the device loader on CUDA)
+2. ResNet20x1, batch 128, fp32: images/s of a bare eager PyTorch loop, ``fit`` eager (dense
+   and with a 90 % mask) and ``fit`` with ``model.cuda_graphs``, side by side (rounds
+   interleaved, best of each)
+3. fused 12 arms, per step: a ``FusedArms`` group of 12 masked ResNet20x1 (4 sparsities x 3)
+   under ``fit``, images/s summed over the members, vs ``fit`` of one masked net (12 nets one
+   after another go at its rate)
+4. matching ResNet20x4 over 50 batches / the time of 50 training steps (``bench_matching``)
+5. fused 12 arms, whole stages, which is also the study's smoke run on the GPU: ``prune``,
+   ``match`` and two ``experiment`` runs (fused and one after another) through the CLI on
+   synthetic CIFAR-10 files (``bench_fused.compare``, the HOOK below)
+6. the same sides as 2 with ``configs/trainer/fast.yaml``'s settings (bf16-mixed,
+   channels_last, torch.compile)
 
-    PYTHONPATH=. python bench/gpu_suite.py            # a CUDA machine: the numbers
-    PYTHONPATH=. python bench/gpu_suite.py --smoke    # any machine, CPU, tiny: proves it runs
+    PYTHONPATH=. python bench/gpu_suite.py [--out DIR]   # a CUDA machine: the numbers
+    PYTHONPATH=. python bench/gpu_suite.py --smoke       # any machine, CPU, tiny: proves it runs
 
-The last line is every number as JSON. On a lent device, give it a limit of ~9 minutes.
+Every number goes to ``DIR/gpu_suite.json`` (default ``$OUT`` when set) after each section,
+and as the last line printed.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,8 +49,9 @@ import bench_matching  # noqa: E402
 import bench_training  # noqa: E402
 
 from lightning_lth.experiment.progress import silence_known_noise  # noqa: E402
+from lightning_lth.io import save_json  # noqa: E402
 
-# ---- HOOK: the fused-arms bench (bench/bench_fused.py) ----------------------------------
+# ---- HOOK: the fused-arms stage bench (bench/bench_fused.py) ------------------------------
 # Its ``compare()`` on 12 ResNet20x1 arms (4 sparsities x 3 arms at k = 1) on synthetic
 # CIFAR-10 files: the fused group vs the same 12 arms one after another, both through the
 # real stage code. Adjust here if that script's options change.
@@ -49,7 +60,7 @@ FUSED_TRAIN_IMAGES = 5000  # what compare(synthetic=True) writes
 # -----------------------------------------------------------------------------------------
 
 SIZES = {  # per mode: the training sides, and the matching bench
-    "gpu": {"steps": 200, "warmup": 20, "rounds": 3, "images": 50_000, "batch_size": 128,
+    "gpu": {"steps": 150, "warmup": 15, "rounds": 3, "images": 50_000, "batch_size": 128,
             "matching": ["--device", "cuda", "--batches", "50", "--train-steps", "50",
                          "--repeats", "2"]},
     "smoke": {"steps": 3, "warmup": 5, "rounds": 1, "images": 512, "batch_size": 32,
@@ -58,38 +69,67 @@ SIZES = {  # per mode: the training sides, and the matching bench
 }
 
 
-def training_rates(mode: str, device: torch.device, fast: bool) -> dict[str, float]:
-    """Best images/s of bare eager, fit eager and fit + CUDA graphs, rounds interleaved."""
+def _sides_args(mode: str, fast: bool) -> SimpleNamespace:
     size = SIZES[mode]
-    args = SimpleNamespace(steps=size["steps"], warmup=size["warmup"], images=size["images"],
+    return SimpleNamespace(steps=size["steps"], warmup=size["warmup"], images=size["images"],
                            batch_size=size["batch_size"],
                            precision="bf16-mixed" if fast else "32-true",
                            channels_last=fast, compile=fast, cuda_graphs=False)
-    graphed = SimpleNamespace(**{**vars(args), "cuda_graphs": True})
-    sides = {"bare eager": lambda: bench_training.bare_rate(args, device),
-             "fit eager": lambda: bench_training.lightning_rate(args, device),
-             "fit cuda_graphs": lambda: bench_training.lightning_rate(graphed, device)}
+
+
+def interleaved(sides: dict, rounds: int) -> dict:
+    """Best images/s of each side over ``rounds`` rounds, the sides alternating within each;
+    a side that fails (say, a graph's capture) is reported and the others go on."""
     best: dict = dict.fromkeys(sides, 0.0)
-    for round_index in range(size["rounds"]):
+    for round_index in range(rounds):
         for name, rate in sides.items():
             if isinstance(best[name], str):
                 continue
-            try:  # a side that fails (say, the graph's capture) keeps the others' numbers
+            try:
                 best[name] = max(best[name], rate())
             except Exception as error:
                 best[name] = f"FAILED: {type(error).__name__}: {error}"
         print(f"  round {round_index + 1}: " + ", ".join(
             f"{name} {value:,.0f} img/s" if not isinstance(value, str) else f"{name} {value}"
             for name, value in best.items()), flush=True)
-    bare = best["bare eager"]
-    for name, goal in (("fit eager", 0.95), ("fit cuda_graphs", 2.5)):
-        if not isinstance(best[name], str) and not isinstance(bare, str):
-            best[f"{name} / bare"] = round(best[name] / bare, 3)
-            print(f"  {name} / bare eager {best[name] / bare:.3f} (goal >= {goal})")
     return best
 
 
-def fused(mode: str):
+def add_ratio(best: dict, name: str, base: str, goal: float) -> None:
+    if not isinstance(best[name], str) and not isinstance(best[base], str):
+        best[f"{name} / {base}"] = round(best[name] / best[base], 3)
+        print(f"  {name} / {base} {best[name] / best[base]:.3f} (goal >= {goal})", flush=True)
+
+
+def training_rates(mode: str, device: torch.device, fast: bool) -> dict:
+    """Bare eager, fit eager (dense, masked) and fit + CUDA graphs, rounds interleaved."""
+    args = _sides_args(mode, fast)
+    graphed = SimpleNamespace(**{**vars(args), "cuda_graphs": True})
+    best = interleaved({"bare eager": lambda: bench_training.bare_rate(args, device),
+                        "fit eager": lambda: bench_training.lightning_rate(args, device),
+                        "fit eager masked 90%": lambda: bench_training.lightning_rate(
+                            args, device, sparsity=0.9),
+                        "fit cuda_graphs": lambda: bench_training.lightning_rate(graphed, device)},
+                       SIZES[mode]["rounds"])
+    add_ratio(best, "fit eager", "bare eager", 0.95)
+    add_ratio(best, "fit cuda_graphs", "bare eager", 2.5)
+    add_ratio(best, "fit eager masked 90%", "fit eager", 0)
+    return best
+
+
+def fused_steps(mode: str, device: torch.device) -> dict:
+    """The fused group's summed images/s vs one masked net's, rounds interleaved."""
+    args = _sides_args(mode, fast=False)
+    args.steps, args.warmup = max(args.steps // 3, 2), max(args.warmup // 3, 3)
+    best = interleaved({"fit one masked net": lambda: bench_training.lightning_rate(
+                            args, device, sparsity=0.9),
+                        "fused 12 (sum over members)": lambda: bench_training.fused_rate(
+                            args, device)}, max(SIZES[mode]["rounds"] - 1, 1))
+    add_ratio(best, "fused 12 (sum over members)", "fit one masked net", 4)
+    return best
+
+
+def fused_stages(mode: str):
     import bench_fused
 
     if mode == "smoke":  # wired up, not run: its smallest run takes minutes on a CPU
@@ -98,25 +138,43 @@ def fused(mode: str):
     arm_epochs = result["arm_epochs"]
     result["fused_images_per_s"] = 12 * arm_epochs * FUSED_TRAIN_IMAGES / result["fused_s"]
     print(f"  fused 12 arms {result['fused_s']:.1f} s vs one after another "
-          f"{result['sequential_s']:.1f} s: ratio {result['ratio']:.2f} (goal >= 4); "
+          f"{result['sequential_s']:.1f} s: ratio {result['ratio']:.2f}; "
           f"{result['fused_images_per_s']:,.0f} img/s over the 12 arms (whole stages: set-up, "
           f"evaluation and saving included); accuracy check "
           f"{'passed' if result['check_passed'] else 'FAILED'}", flush=True)
     return result
 
 
-def graph_tests() -> str:
+CUDA_TESTS = ("test_graphs.py", "test_fast_options.py", "test_device_loader.py")
+
+
+def cuda_tests() -> str:
+    """The tests with CUDA cases (skipped on a CPU machine), run where CUDA is."""
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(BENCH.parent / "tests" / "test_graphs.py")],
+                           "-rs", *(str(BENCH.parent / "tests" / name) for name in CUDA_TESTS)],
                           capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
     print(done.stdout[-3000:] + done.stderr[-1000:], flush=True)
     return "passed" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
+
+
+class Overrun(Exception):
+    """A section ran past what was left of the budget."""
+
+
+def _overrun(signum, frame):
+    raise Overrun("stopped: past the suite's time budget")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, tiny sizes, no torch.compile: checks the script runs")
+    parser.add_argument("--budget", type=float, default=420,
+                        help="seconds for the whole suite (sections past it are skipped)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated section numbers to run (default: all)")
+    parser.add_argument("--out", default=os.environ.get("OUT", ""),
+                        help="folder for gpu_suite.json (default: $OUT where set)")
     args = parser.parse_args(argv)
     silence_known_noise()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -126,25 +184,49 @@ def main(argv=None) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if mode == "gpu" \
         else torch.device("cpu")
     card = torch.cuda.get_device_name(device) if mode == "gpu" else "cpu"
-    print(f"gpu_suite ({mode}): {card}, torch {torch.__version__}", flush=True)
+    import lightning
+
+    print(f"gpu_suite ({mode}): {card}, torch {torch.__version__}, lightning "
+          f"{lightning.__version__}", flush=True)
     began = time.perf_counter()
-    results: dict = {"mode": mode, "device": card}
-    sections = [("graph tests", graph_tests),
-                ("ResNet20x1 fp32", lambda: training_rates(mode, device, fast=False)),
-                ("ResNet20x1 fast.yaml", lambda: training_rates(mode, device, fast=True)
-                 if mode == "gpu" else "skipped in --smoke (torch.compile on a CPU: minutes)"),
-                ("fused 12 arms", lambda: fused(mode)),
-                ("matching", lambda: bench_matching.main(SIZES[mode]["matching"]))]
-    for name, section in sections:
-        print(f"== {name}", flush=True)
+    results: dict = {"mode": mode, "device": card, "torch": torch.__version__,
+                     "lightning": lightning.__version__}
+    sections = [  # (name, estimated seconds on an H100, run)
+        ("CUDA tests", 60, cuda_tests),
+        ("ResNet20x1 fp32", 70, lambda: training_rates(mode, device, fast=False)),
+        ("fused 12 arms, steps", 50, lambda: fused_steps(mode, device)),
+        ("matching", 50, lambda: bench_matching.main(SIZES[mode]["matching"])),
+        ("fused 12 arms, stages (study smoke run)", 120, lambda: fused_stages(mode)),
+        ("ResNet20x1 fast.yaml", 150, lambda: training_rates(mode, device, fast=True)
+         if mode == "gpu" else "skipped in --smoke (torch.compile on a CPU: minutes)"),
+    ]
+    only = {int(number) for number in args.only.split(",") if number}
+    signal.signal(signal.SIGALRM, _overrun)
+    for number, (name, estimate, section) in enumerate(sections, start=1):
+        if only and number not in only:
+            continue
+        left = args.budget - (time.perf_counter() - began)
+        print(f"== {number}. {name} ({left:.0f} s of the budget left)", flush=True)
+        if mode == "gpu" and left < estimate:
+            results[name] = f"skipped: {left:.0f} s left, estimated {estimate} s"
+            print(results[name], flush=True)
+            continue
         start = time.perf_counter()
+        signal.alarm(max(int(left), 1))
         try:
             results[name] = section()
         except Exception as error:  # one broken section must not cost the others' numbers
             results[name] = f"FAILED: {type(error).__name__}: {error}"
             print(results[name], flush=True)
-        print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+        finally:
+            signal.alarm(0)
+        results[f"{name} seconds"] = round(time.perf_counter() - start, 1)
+        print(f"   ({results[f'{name} seconds']:.0f} s)", flush=True)
+        if args.out:
+            save_json(json.loads(json.dumps(results, default=str)), Path(args.out) / "gpu_suite.json")
     results["total_s"] = round(time.perf_counter() - began, 1)
+    if args.out:
+        save_json(json.loads(json.dumps(results, default=str)), Path(args.out) / "gpu_suite.json")
     print(json.dumps(results, default=str))
     return results
 
