@@ -55,6 +55,8 @@ def main(argv=None) -> dict:
                              "fastest round of each is reported (helps on a busy machine)")
     parser.add_argument("--lap-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="then one more matching under torch.profiler: its top operators")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
@@ -143,7 +145,24 @@ def main(argv=None) -> dict:
     print(f"(b) linear_sum_assignment {args.lap_size}x{args.lap_size}: {lap_s:.3f} s (goal < 1 "
           f"s) -> {'OK' if lap_s < 1 else 'MISSED'}")
     print(json.dumps(result))
+    if args.profile:
+        profile_matching(match_all, device)
     return result
+
+
+def profile_matching(match_all, device: torch.device) -> None:
+    """Where one matching's time goes: the top operators by device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        match_all()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    if device.type == "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 if __name__ == "__main__":

@@ -5,22 +5,24 @@ each section timed and printed as it ends, a failing section reported and the ne
 a section that would not fit in what is left of the budget (by its estimate) is skipped, and
 one that overruns it is stopped:
 
-1. correctness: ``CUDA_TESTS`` (the CUDA-graph step against the eager one, the fast options
-   and the device loader on CUDA)
+1. correctness: ``CUDA_TESTS`` (the CUDA-graph step against the eager one, fused members
+   against their alone runs, the fast options and the device loader, on CUDA); ``--tests``
+   narrows them
 2. ResNet20x1, batch 128, fp32: images/s of a bare eager PyTorch loop, ``fit`` eager (dense
    and with a 90 % mask) and ``fit`` with ``model.cuda_graphs``, side by side (rounds
    interleaved, best of each)
 3. fused 12 arms, per step: a ``FusedArms`` group of 12 masked ResNet20x1 (4 sparsities x 3)
-   under ``fit``, images/s summed over the members, vs ``fit`` of one masked net (12 nets one
-   after another go at its rate)
-4. matching ResNet20x4 over 50 batches / the time of 50 training steps (``bench_matching``)
+   under ``fit`` (fp32 and bf16-mixed), images/s summed over the members, vs ``fit`` of one
+   masked net (12 nets one after another go at its rate)
+4. matching ResNet20x4 over 50 batches / the time of 50 training steps (``bench_matching``),
+   then its profile
 5. fused 12 arms, whole stages, which is also the study's smoke run on the GPU: ``prune``,
-   ``match`` and two ``experiment`` runs (fused and one after another) through the CLI on
-   synthetic CIFAR-10 files (``bench_fused.compare``, the HOOK below)
+   ``match`` and two ``experiment`` runs (fused and one after another) through the CLI
+   (``bench_fused.compare``, the HOOK below)
 6. the same sides as 2 with ``configs/trainer/fast.yaml``'s settings (bf16-mixed,
    channels_last, torch.compile)
 
-    PYTHONPATH=. python bench/gpu_suite.py [--out DIR]   # a CUDA machine: the numbers
+    PYTHONPATH=. python bench/gpu_suite.py [--out DIR] [--fmnist DIR] [--only 1,2]
     PYTHONPATH=. python bench/gpu_suite.py --smoke       # any machine, CPU, tiny: proves it runs
 
 Every number goes to ``DIR/gpu_suite.json`` (default ``$OUT`` when set) after each section,
@@ -52,11 +54,15 @@ from lightning_lth.experiment.progress import silence_known_noise  # noqa: E402
 from lightning_lth.io import save_json  # noqa: E402
 
 # ---- HOOK: the fused-arms stage bench (bench/bench_fused.py) ------------------------------
-# Its ``compare()`` on 12 ResNet20x1 arms (4 sparsities x 3 arms at k = 1) on synthetic
-# CIFAR-10 files: the fused group vs the same 12 arms one after another, both through the
-# real stage code. Adjust here if that script's options change.
-FUSED_GPU = {"model": "resnet20", "synthetic": True, "accelerator": "gpu", "epochs": 3}
-FUSED_TRAIN_IMAGES = 5000  # what compare(synthetic=True) writes
+# Its ``compare()``: the fused group of 12 arms (4 sparsities x 3 arms at k = 1) vs the same
+# 12 arms one after another, both through the real stage code. With ``--fmnist DIR`` (a
+# data_dir holding FashionMNIST/raw/*.gz), the demo's MLP on the real Fashion-MNIST, where
+# the accuracy check is meaningful; else ResNet20x1 on synthetic CIFAR-10 files, where
+# training is too chaotic after two epochs for it (ResNet20 is checked per step by
+# tests/test_fused.py). Adjust here if that script's options change.
+FUSED_GPU = {"resnet20": {"model": "resnet20", "synthetic": True, "accelerator": "gpu",
+                          "epochs": 3},
+             "mlp": {"model": "mlp", "accelerator": "gpu", "epochs": 2}}
 # -----------------------------------------------------------------------------------------
 
 SIZES = {  # per mode: the training sides, and the matching bench
@@ -118,40 +124,48 @@ def training_rates(mode: str, device: torch.device, fast: bool) -> dict:
 
 
 def fused_steps(mode: str, device: torch.device) -> dict:
-    """The fused group's summed images/s vs one masked net's, rounds interleaved."""
+    """The fused group's summed images/s vs one masked net's, rounds interleaved; fp32,
+    and the group in bf16-mixed."""
     args = _sides_args(mode, fast=False)
     args.steps, args.warmup = max(args.steps // 3, 2), max(args.warmup // 3, 3)
+    bf16 = SimpleNamespace(**{**vars(args), "precision": "bf16-mixed"})
     best = interleaved({"fit one masked net": lambda: bench_training.lightning_rate(
                             args, device, sparsity=0.9),
                         "fused 12 (sum over members)": lambda: bench_training.fused_rate(
-                            args, device)}, max(SIZES[mode]["rounds"] - 1, 1))
+                            args, device),
+                        "fused 12 bf16-mixed (sum over members)":
+                            lambda: bench_training.fused_rate(bf16, device)},
+                       max(SIZES[mode]["rounds"] - 1, 1))
     add_ratio(best, "fused 12 (sum over members)", "fit one masked net", 4)
+    add_ratio(best, "fused 12 bf16-mixed (sum over members)", "fit one masked net", 4)
     return best
 
 
-def fused_stages(mode: str):
+def fused_stages(mode: str, fmnist: str):
     import bench_fused
 
     if mode == "smoke":  # wired up, not run: its smallest run takes minutes on a CPU
         return f"skipped in --smoke (bench_fused.compare found: {callable(bench_fused.compare)})"
-    result = bench_fused.compare(**FUSED_GPU)
-    arm_epochs = result["arm_epochs"]
-    result["fused_images_per_s"] = 12 * arm_epochs * FUSED_TRAIN_IMAGES / result["fused_s"]
-    print(f"  fused 12 arms {result['fused_s']:.1f} s vs one after another "
-          f"{result['sequential_s']:.1f} s: ratio {result['ratio']:.2f}; "
-          f"{result['fused_images_per_s']:,.0f} img/s over the 12 arms (whole stages: set-up, "
-          f"evaluation and saving included); accuracy check "
+    settings = {**FUSED_GPU["mlp"], "data_dir": fmnist} if fmnist else FUSED_GPU["resnet20"]
+    result = bench_fused.compare(**settings)
+    print(f"  {settings['model']}: fused 12 arms {result['fused_s']:.1f} s vs one after "
+          f"another {result['sequential_s']:.1f} s: ratio {result['ratio']:.2f} (whole stages: "
+          f"set-up, evaluation and saving included); largest test accuracy gap "
+          f"{result['max_test_acc_gap']:.4f}: check "
           f"{'passed' if result['check_passed'] else 'FAILED'}", flush=True)
     return result
 
 
-CUDA_TESTS = ("test_graphs.py", "test_fast_options.py", "test_device_loader.py")
+CUDA_TESTS = ("test_graphs.py", "test_fused.py", "test_fast_options.py",
+              "test_device_loader.py")
 
 
-def cuda_tests() -> str:
-    """The tests with CUDA cases (skipped on a CPU machine), run where CUDA is."""
+def cuda_tests(select: str) -> str:
+    """The tests with CUDA cases (skipped on a CPU machine), run where CUDA is; ``select``:
+    a pytest -k expression (empty: all of them)."""
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-rs", *(str(BENCH.parent / "tests" / name) for name in CUDA_TESTS)],
+                           "-rs", *(str(BENCH.parent / "tests" / name) for name in CUDA_TESTS),
+                           *(["-k", select] if select else [])],
                           capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
     print(done.stdout[-3000:] + done.stderr[-1000:], flush=True)
     return "passed" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
@@ -173,6 +187,10 @@ def main(argv=None) -> dict:
                         help="seconds for the whole suite (sections past it are skipped)")
     parser.add_argument("--only", default="",
                         help="comma-separated section numbers to run (default: all)")
+    parser.add_argument("--tests", default="",
+                        help="a pytest -k expression for section 1 (default: every test)")
+    parser.add_argument("--fmnist", default="",
+                        help="a data_dir with FashionMNIST/raw/*.gz: section 5 on the demo MLP")
     parser.add_argument("--out", default=os.environ.get("OUT", ""),
                         help="folder for gpu_suite.json (default: $OUT where set)")
     args = parser.parse_args(argv)
@@ -192,11 +210,11 @@ def main(argv=None) -> dict:
     results: dict = {"mode": mode, "device": card, "torch": torch.__version__,
                      "lightning": lightning.__version__}
     sections = [  # (name, estimated seconds on an H100, run)
-        ("CUDA tests", 60, cuda_tests),
+        ("CUDA tests", 60, lambda: cuda_tests(args.tests)),
         ("ResNet20x1 fp32", 70, lambda: training_rates(mode, device, fast=False)),
         ("fused 12 arms, steps", 50, lambda: fused_steps(mode, device)),
-        ("matching", 50, lambda: bench_matching.main(SIZES[mode]["matching"])),
-        ("fused 12 arms, stages (study smoke run)", 120, lambda: fused_stages(mode)),
+        ("matching", 50, lambda: bench_matching.main([*SIZES[mode]["matching"], "--profile"])),
+        ("fused 12 arms, stages (study smoke run)", 120, lambda: fused_stages(mode, args.fmnist)),
         ("ResNet20x1 fast.yaml", 150, lambda: training_rates(mode, device, fast=True)
          if mode == "gpu" else "skipped in --smoke (torch.compile on a CPU: minutes)"),
     ]
