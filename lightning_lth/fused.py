@@ -44,6 +44,20 @@ from lightning_lth.module import LTHModule, float_mask_pairs, hold_masks
 SHARED = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs", "lr",
           "momentum", "weight_decay", "schedule", "schedule_epochs")
 SPLITS = ("train", "val", "test")
+# Model switches a fused group does not honour, and the precision it trains in.
+UNFUSABLE_SWITCHES = ("compile", "channels_last", "cuda_graphs")
+FUSED_PRECISIONS = ("32-true", "32", "64-true", "64")
+
+
+def unfusable(model: dict, precision) -> list[str]:
+    """The settings (``model.*`` switches, ``trainer.precision``) a fused group refuses.
+    Mixed precision, for every model: vmap's BatchNorm rule fails under CUDA autocast (seen
+    on an H100: "Expected running_mean to have type BFloat16 but got Float"), and fused
+    groups are checked against their alone runs in float32 only."""
+    found = [f"model.{name}" for name in UNFUSABLE_SWITCHES if model.get(name)]
+    if str(precision) not in FUSED_PRECISIONS:
+        found.append(f"trainer.precision={precision}")
+    return found
 
 
 def _slot(name: str) -> str:
@@ -66,8 +80,7 @@ class FusedArms(L.LightningModule):
             if differ:
                 raise LTHError(f"arms differ in {', '.join(differ)}: they cannot train as one "
                                f"fused group")
-        unsupported = [f"model.{name}" for name in ("compile", "channels_last", "cuda_graphs")
-                       if first.get(name)]
+        unsupported = unfusable(first, "32-true")
         if unsupported:
             raise LTHError(f"{' and '.join(unsupported)} not supported with fused arms; set "
                            f"study.fuse=1 or {unsupported[0]}=false")
@@ -206,6 +219,10 @@ class FusedArms(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
             raise LTHError("fused arms train in one process; set study.fuse=1 under DDP")
+        precision = self.trainer.precision
+        if unfusable({}, precision):
+            raise LTHError(f"trainer.precision={precision} not supported with fused arms "
+                           f"(allowed: {', '.join(FUSED_PRECISIONS)}); set study.fuse=1")
 
 
 class MemberLogs(L.Callback):

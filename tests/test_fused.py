@@ -10,14 +10,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import write_idx_dataset
+import yaml
+from conftest import REPO, write_idx_dataset
 from test_experiment import events, tiny_config
 from test_resume import assert_same, experiment, results, stage_outputs
 from torch import nn
 
+from lightning_lth.cli import main
 from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
-from lightning_lth.fused import FusedArms
+from lightning_lth.fused import FusedArms, unfusable
 from lightning_lth.models import example_input
 from lightning_lth.module import LTHModule
 from lightning_lth.sparsity.mask import Mask
@@ -163,6 +165,22 @@ def test_model_switches_fused_arms_do_not_honour_are_refused(switch):
     with pytest.raises(LTHError, match=f"^model.{switch} not supported with fused arms; set "
                                        f"study.fuse=1 or model.{switch}=false$"):
         FusedArms(group, example_input(1, 28))
+
+
+def test_mixed_precision_is_refused_before_any_stage_and_fast_yaml_trains_alone(tmp_path,
+                                                                                 capsys):
+    config = tiny_config(tmp_path)
+    assert main(["experiment", "--config", str(config), "--study.fuse=6",
+                 "--trainer.precision=bf16-mixed"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "study.fuse=6 does not support trainer.precision=bf16-mixed; set study.fuse=1")
+    assert not list((tmp_path / "store").rglob("*.pt"))  # nothing was trained
+    fast = yaml.safe_load((REPO / "configs" / "trainer" / "fast.yaml").read_text())
+    # so the default (study.fuse unset) trains its arms one after another, graphed
+    assert unfusable(fast["model"], fast["trainer"]["precision"]) == [
+        "model.compile", "model.channels_last", "model.cuda_graphs",
+        "trainer.precision=bf16-mixed"]
+    assert unfusable({"compile": False}, 32) == unfusable({}, "32-true") == []
 
 
 @pytest.fixture(scope="module")

@@ -36,16 +36,19 @@ from lightning_lth.experiment.stages import (
 )
 from lightning_lth.experiment.store import CHECKPOINTS, Store, stage_times
 from lightning_lth.experiment.tracking import Tracking
+from lightning_lth.fused import unfusable
 from lightning_lth.io import load_json, write_atomic
 from lightning_lth.module import LTHModule, load_snapshot, load_weights
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.matching import perm_agreement
 
 # study.fuse when it is not set, per training device type: the group size (1: arms train
-# one after another). Measured by bench/bench_fused.py (README, "Fused arms"): on CPU the
-# fused group of 12 took 1.09-1.12x the time of the arms one after another; on CUDA not
-# measured yet, so off.
-FUSE_DEFAULT = {"cpu": 1, "cuda": 1}
+# one after another). Measured (README, "Fused arms"): on CPU the fused group of 12 took
+# 1.09-1.12x the time of the arms one after another (bench/bench_fused.py); on an H100 it
+# trained 4.0-4.5x the images/s of one arm, and whole arm stages ran 3.7x (ResNet20x1) and
+# 6.2x (the demo MLP) faster (bench/gpu_suite.py). Where the config asks for what a fused
+# group does not honour (``fused.unfusable``), the default is 1.
+FUSE_DEFAULT = {"cpu": 1, "cuda": 12}
 
 # Trainer arguments the runner sets itself for every stage.
 RUNNER_SETS = ("logger", "callbacks", "max_epochs", "default_root_dir", "enable_checkpointing",
@@ -189,13 +192,19 @@ class Runner:
 
     def fuse_size(self) -> int:
         """How many arms train as one fused group: ``study.fuse``, else the default of the
-        training device's type (``FUSE_DEFAULT``); 1 under DDP (fused groups are one process)."""
+        training device's type (``FUSE_DEFAULT``); 1 under DDP (fused groups are one process)
+        and where the config asks for what fused groups do not honour."""
         multi = _processes(self.trainer_args) > 1
+        refused = unfusable(self.config["model"],
+                            self.config["trainer"].get("precision") or "32-true")
         if self.study.fuse is None:
-            return 1 if multi else FUSE_DEFAULT[self.device().type]
+            return 1 if multi or refused else FUSE_DEFAULT[self.device().type]
         if multi and self.study.fuse > 1:
             raise LTHError(f"study.fuse={self.study.fuse} trains a group in one process; under "
                            f"DDP set study.fuse=1")
+        if refused and self.study.fuse > 1:  # before any stage runs
+            raise LTHError(f"study.fuse={self.study.fuse} does not support "
+                           f"{' and '.join(refused)}; set study.fuse=1")
         return self.study.fuse
 
     def weights(self, ref: WeightsRef) -> Path:
