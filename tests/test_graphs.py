@@ -19,8 +19,11 @@ import torch
 
 from lightning_lth import module as module_file
 from lightning_lth.data import DeviceLoader
+from lightning_lth.graphs import WARMUP
+from lightning_lth.models import build_model
 from lightning_lth.module import LTHModule
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.symmetry.matching import _GraphedPasses, activation_correlations
 
 ATOL = 1e-5  # after 2 epochs of 9 steps, lr 0.05: eager vs graphed fused SGD
 NO_CUDA = "needs a CUDA device: CUDA graphs are captured on a GPU only (none here)"
@@ -98,3 +101,37 @@ def test_cuda_graph_step_matches_the_eager_step():
     for key in ("train/acc", "train/loss_epoch"):  # the graph's sums vs the metric objects
         assert float(trainer.callback_metrics[key]) == pytest.approx(
             float(eager_trainer.callback_metrics[key]), abs=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_graphed_passes_capture_after_warmup_replay_and_run_odd_batches_eagerly():
+    total = torch.zeros((), dtype=torch.float64, device="cuda")
+    seen = []  # Python side effects happen only when a pass runs eagerly or is captured
+
+    def run(x):
+        seen.append(len(x))
+        total.add_(x.double().sum())
+
+    passes = _GraphedPasses(run, run, {})
+    batches = [torch.full((8,), float(i), device="cuda") for i in range(1, 7)]
+    batches.append(torch.full((3,), 10.0, device="cuda"))  # the odd last batch
+    for x in batches:
+        passes(x)
+    assert passes.graph is not None
+    assert seen == [8] * 2 * (WARMUP + 1) + [3, 3]  # warm-up, capture, then the odd batch
+    assert float(total) == 2 * (8 * sum(range(1, 7)) + 3 * 10.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_graphed_matching_equals_eager_matching():
+    torch.manual_seed(0)
+    nets = [build_model("resnet20", 1, 10, 3, 32).cuda() for _ in range(2)]
+    spec = nets[0].permutation_spec()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 3, 32, 32, generator=generator).cuda() for _ in range(7)]
+    batches.append(torch.randn(12, 3, 32, 32, generator=generator).cuda())
+    graphed = activation_correlations(*nets, spec, batches)
+    eager = activation_correlations(*nets, spec, batches, cuda_graphs=False)
+    assert graphed.keys() == eager.keys()
+    for group, corr in eager.items():  # the same kernels on the same buffers
+        torch.testing.assert_close(graphed[group], corr, rtol=0, atol=1e-12)

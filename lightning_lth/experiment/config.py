@@ -41,6 +41,9 @@ class MatchSettings:
     bn_reset_batches: int | None = None  # BN (and REPAIR) statistics at each alpha; None: one pass
     seed: int = 0
     repair: bool = False  # also the REPAIR curves (Jordan et al. 2023): nets without BatchNorm
+    # On one CUDA device, each batch's two forwards and moment updates replayed as one CUDA
+    # graph (the same numbers); false: eagerly, for a net whose forward cannot be captured.
+    cuda_graphs: bool = True
 
 
 @dataclass

@@ -52,6 +52,8 @@ EXCLUDED: dict[str, str] = {
     "study.match.methods": "shapes the plan; each match stage is keyed by its own method, "
                            "as study.match.method (match_view)",
     "study.match.epochs": "shapes the plan; a match stage is keyed by the snapshots it reads",
+    "study.match.cuda_graphs": "how matching runs on CUDA: a replay runs the eager passes' "
+                               "kernels on the same buffers (tests/test_graphs.py)",
     "study.weights_a": "a file input, keyed by its checksum where it is read",
     "study.weights_b": "a file input, keyed by its checksum where it is read",
     "study.mask": "a file input, keyed by its checksum where it is read",
@@ -66,9 +68,9 @@ EXCLUDED: dict[str, str] = {
 # draws its own augmentation stream, so the worker count is keyed there.
 DEVICE_LOADER_ONLY = {"data.num_workers": "the device loader has no workers"}
 
-# Every leaf of study.match is keyed for the match stage, study.match.repair included: it
-# changes only the curves (connectivity.json), yet as a match-stage leaf it also re-keys the
-# permuted arms that read that stage's pi.
+# Every leaf of study.match but the excluded ones is keyed for the match stage,
+# study.match.repair included: it changes only the curves (connectivity.json), yet as a
+# match-stage leaf it also re-keys the permuted arms that read that stage's pi.
 STUDY_SECTIONS: dict[str, tuple[str, ...]] = {
     "dense": (),
     "snapshot": (),

@@ -311,7 +311,8 @@ class MatchStage(Stage):
         train = ctx.datamodule.unaugmented_train_batches(device)
         spec = get_spec(net_a, _example(ctx, device))
         correlations = activation_correlations(net_a, net_b, spec, train,
-                                               settings.num_batches, context=ctx.dist)
+                                               settings.num_batches, context=ctx.dist,
+                                               cuda_graphs=settings.cuda_graphs)
         perm = match(net_a, net_b, spec, method=self.method, batches=train,
                      num_batches=settings.num_batches, seed=settings.seed, context=ctx.dist,
                      correlations=correlations)
