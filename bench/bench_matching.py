@@ -2,7 +2,8 @@
 
 (a) activation matching of two ResNet20x{width} nets over N batches of random CIFAR-shaped
     images (the whole ``match()`` call: spec check, hooks, float64 moments accumulated on the
-    nets' device, assignments), against the time of 50 training steps (SGD momentum 0.9,
+    nets' device -- on CUDA replayed as a CUDA graph, and also timed eagerly --, assignments),
+    against the time of 50 training steps (SGD momentum 0.9,
     forward + backward + step) of the same model, measured in this run (``--train-steps``
     of them, scaled to 50); prints the ratio matching / 50 steps (goal <= 1.0).
 (b) scipy linear_sum_assignment on a {lap_size}^2 random matrix in [-1, 1] (goal < 1 s).
@@ -23,6 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 from lightning_lth.models import build_model
 from lightning_lth.symmetry import check_spec, match
+from lightning_lth.symmetry.matching import activation_correlations
 
 
 def sync(device: torch.device) -> None:
@@ -94,18 +96,24 @@ def main(argv=None) -> dict:
         for x, y in data[:args.train_steps]:
             step(x, y)
 
-    def match_all():
-        return match(model_a, model_b, spec, method="activation", batches=data[:args.batches],
-                     num_batches=args.batches)
+    def match_all(cuda_graphs: bool = True):
+        batches = data[:args.batches]
+        correlations = activation_correlations(model_a, model_b, spec, batches, args.batches,
+                                               cuda_graphs=cuda_graphs)
+        return match(model_a, model_b, spec, method="activation", batches=batches,
+                     num_batches=args.batches, correlations=correlations)
 
-    check_s, match_s, train_s = [], [], []
+    # on CUDA, also the passes run eagerly (study.match.cuda_graphs=false) for comparison
+    sides = ("match", "train") + (("eager",) if device.type == "cuda" else ())
+    check_s, match_s, train_s, eager_s = [], [], [], []
     for round_ in range(max(args.repeats, 1)):
-        order = ("match", "train") if round_ % 2 == 0 else ("train", "match")
-        for what in order:
+        for what in sides if round_ % 2 == 0 else reversed(sides):
             if what == "match":
                 check_s.append(timed(lambda: check_spec(model_a, spec), device)[0])
                 seconds, pi = timed(match_all, device)
                 match_s.append(seconds)
+            elif what == "eager":
+                eager_s.append(timed(lambda: match_all(cuda_graphs=False), device)[0])
             else:
                 train_s.append(timed(train_all, device)[0])
     check_s, match_s, train_s = min(check_s), min(match_s), min(train_s)
@@ -131,6 +139,7 @@ def main(argv=None) -> dict:
         "train_steps_s": round(train_s, 3),
         "train_50_steps_s": round(train_50_s, 3),
         "match_over_50_steps_ratio": round(match_s / train_50_s, 3),
+        "eager_passes_match_s": round(min(eager_s), 3) if eager_s else None,
         "ratio_goal": "<= 1.0",
         "lap_size": args.lap_size,
         "lap_s": round(lap_s, 3),
@@ -141,7 +150,8 @@ def main(argv=None) -> dict:
           f"{args.batch_size} on {result['device']}: {match_s:.2f} s (spec check "
           f"~{check_s:.2f} s); 50 SGD training steps: {train_50_s:.2f} s ({args.train_steps} "
           f"timed: {train_s:.2f} s); ratio matching / 50 steps {match_s / train_50_s:.3f} "
-          f"(goal <= 1.0) -> {'OK' if match_s <= train_50_s else 'MISSED'}")
+          f"(goal <= 1.0) -> {'OK' if match_s <= train_50_s else 'MISSED'}"
+          + (f"; with the passes eager (no CUDA graph): {min(eager_s):.2f} s" if eager_s else ""))
     print(f"(b) linear_sum_assignment {args.lap_size}x{args.lap_size}: {lap_s:.3f} s (goal < 1 "
           f"s) -> {'OK' if lap_s < 1 else 'MISSED'}")
     print(json.dumps(result))
