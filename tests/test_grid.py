@@ -241,7 +241,7 @@ def test_a_fused_grid_has_one_unit_per_group_across_cells(tmp_path, capsys):
         assert mine <= walked and {n.key for n in fused} <= set(cell.units)
     seconds = schedule.epochs_only().seconds(graph)
     for node in fused:
-        assert seconds[node.key] == pytest.approx(node.epochs * schedule.FUSED_EPOCH_COST)
+        assert seconds[node.key] == pytest.approx(node.epochs * schedule.FUSED_EPOCH_COST["cpu"])
     slots = schedule.schedule(graph, seconds, 2)
     assert sorted(s.key for s in slots) == sorted(graph.nodes)
     assert sorted(s.key for s in schedule.wandb_order(graph, seconds, 2)) == sorted(graph.nodes)

@@ -43,9 +43,11 @@ def parser() -> argparse.ArgumentParser:
                           "measured from the store")
     out.add_argument("--device", default=None,
                      help="the device name in --epoch_seconds (default: cpu, or the GPU's)")
-    out.add_argument("--fused_epoch_cost", type=float, default=plan_time.FUSED_EPOCH_COST,
+    measured = ", ".join(f"{kind} {cost:.2f}" for kind, cost in
+                         plan_time.FUSED_EPOCH_COST.items())
+    out.add_argument("--fused_epoch_cost", type=float, default=None,
                      help="a fused arm group member's epoch over an epoch trained alone "
-                          "(default %(default).2f: bench_fused on CPU)")
+                          f"(default, measured, by the workers' device type: {measured})")
     out.add_argument("--overhead_s", type=float, default=0.0,
                      help="seconds each job spends before training (process, config, data)")
     out.add_argument("--timeout_min", type=float, default=1440.0,
@@ -103,6 +105,14 @@ def device_name(args, pool: list[Worker]) -> str:
     return torch.cuda.get_device_name(pool[0].gpu)
 
 
+def device_type(graph: GridGraph, pool: list[Worker]) -> str:
+    """Where the jobs train: the local workers' device, else the one the study's fuse size
+    was decided for (the driver's, as ``Runner.fuse_size``)."""
+    if pool:
+        return "cpu" if pool[0].gpu is None else "cuda"
+    return graph.runners[0].device().type if graph.runners else "cpu"
+
+
 def dry_run(graph: GridGraph, seconds: dict[str, float], count: int,
             costs: plan_time.Costs) -> None:
     slots = plan_time.schedule(graph, seconds, count)
@@ -141,9 +151,12 @@ def main(argv: list[str]) -> int:
     pool = workers(args) if args.executor == "local" else []
     configured = (plan_time.load_costs(args.epoch_seconds, device_name(args, pool))
                   if args.epoch_seconds else None)
-    if args.fused_epoch_cost <= 0:
-        raise LTHError(f"--fused_epoch_cost must be > 0, got {args.fused_epoch_cost}")
-    costs = plan_time.measured_costs(graph, configured, args.overhead_s, args.fused_epoch_cost)
+    fused_cost = args.fused_epoch_cost
+    if fused_cost is None:
+        fused_cost = plan_time.FUSED_EPOCH_COST[device_type(graph, pool)]
+    if fused_cost <= 0:
+        raise LTHError(f"--fused_epoch_cost must be > 0, got {fused_cost}")
+    costs = plan_time.measured_costs(graph, configured, args.overhead_s, fused_cost)
     seconds = costs.seconds(graph)
     count = len(pool) or 1
     if args.dry_run:

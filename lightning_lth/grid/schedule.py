@@ -12,10 +12,11 @@ the same model by its prunable weights (an epoch's work grows with the weights),
 with nothing timed counts 1 s per epoch per width-1 net, which ``describe`` says.
 
 A fused arm group trains its members side by side: its epochs are its members' epochs summed,
-each costing ``fused_epoch_cost`` times an epoch trained alone (``FUSED_EPOCH_COST``, measured
-by bench/bench_fused.py on CPU: 12 demo-MLP arms fused took 1/0.87 of their time one after
-another; set ``--fused_epoch_cost`` for a device where fusing pays, e.g. a GPU after
-bench_fused measures it there). A group's measured time is its members' shared wall time.
+each costing ``fused_epoch_cost`` times an epoch trained alone (``FUSED_EPOCH_COST``, per
+device type, measured: on CPU 12 demo-MLP arms fused took 1/0.87 of their time one after
+another (bench/bench_fused.py); on an H100 a group of 12 ResNet20x1 trained 4.04x the images
+per second of one net (bench/gpu_suite.py); ``--fused_epoch_cost`` overrides it). A group's
+measured time is its members' shared wall time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from lightning_lth.errors import LTHError
 from lightning_lth.experiment.store import stage_times
 from lightning_lth.grid.graph import GridGraph, Node
 
-FUSED_EPOCH_COST = 1 / 0.87  # a fused member's epoch over an alone epoch (bench_fused, CPU)
+# A fused member's epoch over an alone epoch, per device type (module docstring).
+FUSED_EPOCH_COST = {"cpu": 1 / 0.87, "cuda": 1 / 4.04}
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Costs:
     overhead_s: float = 0.0
     untimed: set[str] = field(default_factory=set)  # models with no time at all
     every_epoch_s: float | None = None  # one price for every epoch of every model
-    fused_epoch_cost: float = FUSED_EPOCH_COST  # a fused member's epoch / an alone epoch
+    fused_epoch_cost: float = FUSED_EPOCH_COST["cpu"]  # a fused member's / an alone epoch
 
     def per_epoch(self, node: Node, widths: dict[tuple[str, int], int]) -> float:
         if self.every_epoch_s is not None:
@@ -76,7 +78,7 @@ class Costs:
         return out
 
 
-def epochs_only(fused_epoch_cost: float = FUSED_EPOCH_COST) -> Costs:
+def epochs_only(fused_epoch_cost: float = FUSED_EPOCH_COST["cpu"]) -> Costs:
     """Every epoch costs 1 (a fused member's, ``fused_epoch_cost``) and nothing else costs
     anything: makespans in epochs."""
     return Costs(every_epoch_s=1.0, fused_epoch_cost=fused_epoch_cost)
@@ -93,7 +95,7 @@ def load_costs(path: str | Path, device: str) -> dict[tuple[str, int], float]:
 
 def measured_costs(graph: GridGraph, configured: dict[tuple[str, int], float] | None = None,
                    overhead_s: float = 0.0,
-                   fused_epoch_cost: float = FUSED_EPOCH_COST) -> Costs:
+                   fused_epoch_cost: float = FUSED_EPOCH_COST["cpu"]) -> Costs:
     """Seconds per epoch and per zero-epoch kind from the store's timed stages that ran alone
     (configured values win), and each finished stage's own time."""
     times = stage_times(graph.store)
