@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 def make_runner(args, store: Path) -> Runner:
     overrides = [f"--trainer.max_epochs={args.epochs}", "--study.sparsities=[0.9]",
                  "--study.rewind_epochs=[0]", "--study.prune.epochs_per_round=0",
-                 "--study.arms=[lth]", "--study.wandb_mode=disabled",
+                 "--study.arms=[lth]", "--study.match.epochs=null", "--study.wandb_mode=disabled",
                  f"--study.store={store}", "--trainer.logger=false"]
     cli = make_cli(["--config", str(REPO / args.config), *overrides], run=False,
                    command="experiment")

@@ -2,7 +2,7 @@
 
 On a fast GPU a small net's step is bound by the CPU launching its kernels one by one. Here
 the whole step -- forward, loss, backward with the mask's gradient hooks, the SGD step with
-its re-mask hook, and the epoch's running loss/accuracy sums -- is captured once and then
+its re-mask hook, and the epoch's running loss/accuracy sums (``EpochSums``) -- is captured once and then
 replayed with one launch per batch; per step the CPU only copies the batch into the graph's
 input buffers.
 
@@ -21,23 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lth.epoch_sums import EpochSums
+
 WARMUP = 3  # eager steps before the capture
 
 
 class GraphedStep:
     """One training step of ``net`` with ``optimizer`` (fused SGD, tensor learning rate):
     eager for the first ``WARMUP`` steps and for odd-shaped batches, else a graph replay.
-
-    ``sums`` holds (sum of per-image losses, correct predictions, images) since the last
-    ``take_sums``: the epoch's training loss and accuracy without a per-step metric call.
+    Each step adds its batch to ``sums`` (the epoch's training loss and accuracy).
     """
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device):
+                 device: torch.device, sums: EpochSums):
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
-        self.net, self.optimizer, self.device = net, optimizer, device
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.net, self.optimizer, self.device, self.sums = net, optimizer, device, sums
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.loss: torch.Tensor | None = None
@@ -56,10 +55,7 @@ class GraphedStep:
             loss = F.cross_entropy(logits, labels)
         loss.backward()
         self.optimizer.step()
-        with torch.no_grad():
-            count = torch.full((), labels.numel(), dtype=torch.float64, device=labels.device)
-            self.sums += torch.stack([loss.detach().double() * count,
-                                      (logits.argmax(1) == labels).sum().double(), count])
+        self.sums.add(logits, labels, loss)
         return loss.detach()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -85,9 +81,3 @@ class GraphedStep:
         with torch.cuda.graph(graph):
             self.loss = self._step(*self.inputs)
         self.graph = graph  # capturing ran nothing: the caller replays it for this batch
-
-    def take_sums(self) -> tuple[float, float, float]:
-        """(mean loss per image, accuracy, images) since the last call; then zeroed."""
-        loss_sum, correct, count = self.sums.tolist()
-        self.sums.zero_()
-        return (loss_sum / count, correct / count, count) if count else (0.0, 0.0, 0.0)

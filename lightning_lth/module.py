@@ -7,10 +7,10 @@ them). The mask is one bool tensor per pruned parameter; while fitting, each is 
 more as 0.0/1.0 in the parameter's dtype, since multiplying by a bool tensor converts it at
 every call (on a CPU ~50x the multiply itself); the products are the same.
 
-Per-step Python work is kept to the forward, the loss and the metric updates: metrics are
-logged once per epoch, the training loss per step only at the steps the loggers write
-(``trainer.log_every_n_steps``). A Lightning ``log`` call per step costs more than a small
-net's whole step.
+Per-step Python work is kept to the forward, the loss and a few in-place sums
+(``EpochSums``: each split's loss and accuracy, logged once per epoch); the training loss
+per step is logged only at the steps the loggers write (``trainer.log_every_n_steps``). A
+Lightning ``log`` call per step costs more than a small net's whole step.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_lth.epoch_sums import EpochSums
 from lightning_lth.errors import LTHError
 from lightning_lth.graphs import GraphedStep
 from lightning_lth.io import load_tensors
@@ -49,18 +48,6 @@ def load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source: st
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[1:2] or [str(exc)]
         raise LTHError(f"weights in {source} do not fit the model: {first[0].strip()}") from None
-
-
-SPLITS = ("train", "val", "test")
-
-
-def _split_metrics(num_classes: int) -> nn.ModuleDict:
-    """``<split>_acc`` and ``<split>_loss`` (the mean loss per image) for train, val and test:
-    metric objects, so under DDP their epoch values combine every rank's images exactly."""
-    return nn.ModuleDict({f"{split}_{name}": metric for split in SPLITS
-                          for name, metric in (
-                              ("acc", MulticlassAccuracy(num_classes, average="micro")),
-                              ("loss", MeanMetric(nan_strategy="disable")))})
 
 
 def _grad_masker(keep: torch.Tensor):
@@ -123,7 +110,7 @@ class LTHModule(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
             self.net.compile()
-        self.metrics = _split_metrics(num_classes)
+        self._sums: dict[str, EpochSums] = {}  # per split, on the device of its batches
         self._hooks: list = []
         self._graphed: GraphedStep | None = None
 
@@ -195,7 +182,7 @@ class LTHModule(L.LightningModule):
         for group in optimizer.param_groups:  # a restored learning rate may be a float/on CPU
             if not (torch.is_tensor(group["lr"]) and group["lr"].device == device):
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        self._graphed = GraphedStep(self, optimizer, device)
+        self._graphed = GraphedStep(self, optimizer, device, self._split_sums("train", device))
 
     def on_fit_end(self) -> None:
         for handle in self._hooks:
@@ -204,13 +191,17 @@ class LTHModule(L.LightningModule):
         self._graphed = None
 
     # -- steps ----------------------------------------------------------------------------
+    def _split_sums(self, split: str, device: torch.device) -> EpochSums:
+        sums = self._sums.get(split)
+        if sums is None or sums.device != device:
+            sums = self._sums[split] = EpochSums(device)
+        return sums
+
     def _step(self, batch, split: str):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        self.metrics[f"{split}_acc"].update(logits.detach(), labels)
-        # The batch mean once per image: weighted by the batch size.
-        self.metrics[f"{split}_loss"].update(loss.detach().expand(len(labels)))
+        self._split_sums(split, labels.device).add(logits, labels, loss)
         # Lightning's own test of "the loggers write at this step" (log_every_n_steps).
         if split == "train" and self.trainer._logger_connector.should_update_logs:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False,
@@ -218,27 +209,23 @@ class LTHModule(L.LightningModule):
         return loss
 
     def _log_epoch(self, split: str) -> None:
-        """The split's epoch values, then its metrics emptied for the next epoch. ``compute``
-        combines every rank's images under DDP; a split that saw no batch logs nothing."""
-        for name in ("acc", "loss"):
-            metric = self.metrics[f"{split}_{name}"]
-            if not metric.update_called:
-                continue
-            # train/loss also has a per-step column (train/loss_step)
-            column = f"{split}/{name}" + ("_epoch" if (split, name) == ("train", "loss") else "")
-            # batch_size=1: the value is logged once, so Lightning's epoch mean is the value.
-            self.log(column, metric.compute(), on_step=False, on_epoch=True, prog_bar=True,
-                     batch_size=1)
-            metric.reset()
+        """The split's epoch values over every rank's images, then its sums zeroed for the
+        next epoch; a split that saw no batch logs nothing."""
+        # every rank takes part in the reduction, also one that saw no batch of the split
+        sums = self._sums.get(split) or self._split_sums(split, self.device)
+        values = sums.take(self.trainer.strategy)
+        if values is None:
+            return
+        loss, accuracy = values
+        # batch_size=1: each value is logged once, so Lightning's epoch mean is the value.
+        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=1)
+        # train/loss also has a per-step column (train/loss_step)
+        self.log(f"{split}/loss" + ("_epoch" if split == "train" else ""), loss,
+                 on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
 
     def on_train_epoch_end(self) -> None:
-        if self._graphed is None:
-            self._log_epoch("train")
-            return
-        loss, accuracy, images = self._graphed.take_sums()
-        if images:
-            self.log("train/loss_epoch", loss, prog_bar=True)
-            self.log("train/acc", accuracy, prog_bar=True)
+        self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
