@@ -98,7 +98,7 @@ def test_cuda_graph_step_matches_the_eager_step():
     check_mask_exact(graphed)
     for name, value in eager.net.state_dict().items():
         torch.testing.assert_close(graphed.net.state_dict()[name], value, rtol=0, atol=ATOL)
-    for key in ("train/acc", "train/loss_epoch"):  # the graph's sums vs the metric objects
+    for key in ("train/acc", "train/loss_epoch"):  # the graph's sums vs the eager step's
         assert float(trainer.callback_metrics[key]) == pytest.approx(
             float(eager_trainer.callback_metrics[key]), abs=1e-4)
 
