@@ -55,7 +55,7 @@ class GraphedStep:
             loss = F.cross_entropy(logits, labels)
         loss.backward()
         self.optimizer.step()
-        self.sums.add(logits, labels, loss)
+        self.sums.update(logits, labels, loss)
         return loss.detach()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,7 @@ class GraphedStep:
             self.inputs[0].copy_(images)
             self.inputs[1].copy_(labels)
             self.graph.replay()
+            self.sums.replayed()
             return self.loss
         self.eager_steps += 1
         side = torch.cuda.Stream(self.device)  # warm-up steps: off the capture's stream

@@ -50,6 +50,9 @@ def load_weights(net: nn.Module, state_dict: dict[str, torch.Tensor], source: st
         raise LTHError(f"weights in {source} do not fit the model: {first[0].strip()}") from None
 
 
+SPLITS = ("train", "val", "test")
+
+
 def _grad_masker(keep: torch.Tensor):
     """A post-accumulate-grad hook: the parameter's gradient times ``keep``, in place."""
     def mask_grad(param: torch.Tensor) -> None:
@@ -110,7 +113,9 @@ class LTHModule(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
             self.net.compile()
-        self._sums: dict[str, EpochSums] = {}  # per split, on the device of its batches
+        # each split's epoch loss and accuracy; they move with the module
+        # (keyed <split>_sums: a ModuleDict key may not be a Module attribute such as train)
+        self.epoch_sums = nn.ModuleDict({f"{split}_sums": EpochSums() for split in SPLITS})
         self._hooks: list = []
         self._graphed: GraphedStep | None = None
 
@@ -182,7 +187,7 @@ class LTHModule(L.LightningModule):
         for group in optimizer.param_groups:  # a restored learning rate may be a float/on CPU
             if not (torch.is_tensor(group["lr"]) and group["lr"].device == device):
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        self._graphed = GraphedStep(self, optimizer, device, self._split_sums("train", device))
+        self._graphed = GraphedStep(self, optimizer, device, self.epoch_sums["train_sums"])
 
     def on_fit_end(self) -> None:
         for handle in self._hooks:
@@ -191,17 +196,11 @@ class LTHModule(L.LightningModule):
         self._graphed = None
 
     # -- steps ----------------------------------------------------------------------------
-    def _split_sums(self, split: str, device: torch.device) -> EpochSums:
-        sums = self._sums.get(split)
-        if sums is None or sums.device != device:
-            sums = self._sums[split] = EpochSums(device)
-        return sums
-
     def _step(self, batch, split: str):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        self._split_sums(split, labels.device).add(logits, labels, loss)
+        self.epoch_sums[f"{split}_sums"].update(logits, labels, loss)
         # Lightning's own test of "the loggers write at this step" (log_every_n_steps).
         if split == "train" and self.trainer._logger_connector.should_update_logs:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False,
@@ -211,9 +210,12 @@ class LTHModule(L.LightningModule):
     def _log_epoch(self, split: str) -> None:
         """The split's epoch values over every rank's images, then its sums zeroed for the
         next epoch; a split that saw no batch logs nothing."""
-        # every rank takes part in the reduction, also one that saw no batch of the split
-        sums = self._sums.get(split) or self._split_sums(split, self.device)
-        values = sums.take(self.trainer.strategy)
+        sums = self.epoch_sums[f"{split}_sums"]
+        # under DDP every rank takes part in the reduction, also one that saw no batch
+        if not sums.update_called and self.trainer.world_size == 1:
+            return
+        values = sums.compute()
+        sums.reset()
         if values is None:
             return
         loss, accuracy = values
