@@ -2,9 +2,9 @@
 
 On a fast GPU a small net's step is bound by the CPU launching its kernels one by one. Here
 the whole step -- forward, loss, backward with the mask's gradient hooks, the SGD step with
-its re-mask hook, and the epoch's running loss/accuracy sums (``EpochSums``) -- is captured once and then
-replayed with one launch per batch; per step the CPU only copies the batch into the graph's
-input buffers.
+its re-mask hook, and the epoch's running loss/accuracy sums (``EpochSums``) -- is captured
+once and then replayed with one launch per batch; per step the CPU only copies the batch into
+the graph's input buffers.
 
 What the graph needs, and how it gets it:
 - The learning rate is a device tensor that the schedule fills in place (a float would be
