@@ -26,6 +26,17 @@ from lightning_lth.epoch_sums import EpochSums
 WARMUP = 3  # eager steps before the capture
 
 
+def on_side_stream(device: torch.device, fn, *args):
+    """``fn(*args)`` on a fresh CUDA stream, ordered after the current stream's work and before
+    its next: the eager runs before a capture go off the capture's stream."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = fn(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
+
+
 class GraphedStep:
     """One training step of ``net`` with ``optimizer`` (fused SGD, tensor learning rate):
     eager for the first ``WARMUP`` steps and for odd-shaped batches, else a graph replay.
@@ -69,12 +80,7 @@ class GraphedStep:
             self.sums.replayed()
             return self.loss
         self.eager_steps += 1
-        side = torch.cuda.Stream(self.device)  # warm-up steps: off the capture's stream
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            loss = self._step(images, labels)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        return loss
+        return on_side_stream(self.device, self._step, images, labels)
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.inputs = (images.clone(), labels.clone())

@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
-from lightning_lth.graphs import WARMUP
+from lightning_lth.graphs import WARMUP, on_side_stream
 from lightning_lth.symmetry.spec import (
     PermutationSpec,
     check_spec,
@@ -249,11 +249,7 @@ class _GraphedPasses:
             return
         self.eager_batches = self.eager_batches + 1 if x.shape == self.shape else 1
         self.shape = x.shape
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            self._passes(x)
-        torch.cuda.current_stream(x.device).wait_stream(side)
+        on_side_stream(x.device, self._passes, x)
 
 
 def _inputs(batch):
