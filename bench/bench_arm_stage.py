@@ -12,8 +12,9 @@ The study's other stages (dense A and B, the IMP rounds to 0.9, the matching its
 reads) are computed once before timing,
 with ``study.prune.epochs_per_round=0`` so that this set-up takes seconds: what the mask
 came from does not change how long the arm trains. The two sides then alternate
-(stage, bare, stage, bare, ...) and the medians are compared: ratio = bare / stage time
-(goal >= 0.90).
+(stage, bare, bare, stage, ...: ``common.interleaved``) and the medians are compared:
+ratio = bare / stage time (goal >= 0.90). The numbers and their provenance go to
+``bench/results/arm_stage_<time>.json``.
 
     python bench/bench_arm_stage.py [--epochs 3] [--repeats 3] [--threads 1] [--profile]
 
@@ -27,14 +28,13 @@ import cProfile
 import logging
 import pstats
 import shutil
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import interleaved, spread, timed, write_result
 
 from lightning_lth.cli import make_cli
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
@@ -66,14 +66,15 @@ def forget(runner: Runner, arm) -> None:
 def stage_seconds(runner: Runner, arm) -> float:
     """``Runner.run(arm)`` from an empty slot in the store (its earlier result removed)."""
     forget(runner, arm)
-    start = time.perf_counter()
-    runner.run(arm)
-    return time.perf_counter() - start
+    return timed(lambda: runner.run(arm))[0]
 
 
 def bare_seconds(runner: Runner, arm, out: Path) -> float:
     """The same arm by hand: same start, mask, data and schedule; no Lightning."""
-    start = time.perf_counter()
+    return timed(lambda: bare_arm(runner, arm, out))[0]
+
+
+def bare_arm(runner: Runner, arm, out: Path) -> None:
     model_config, sparse = runner.config["model"], runner.study.sparse
     model = build_model(model_config["arch"], model_config["width"],
                         model_config["num_classes"], model_config["in_channels"],
@@ -119,7 +120,6 @@ def bare_seconds(runner: Runner, arm, out: Path) -> float:
     evaluate()
     save_tensors({"state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}},
                  out / "final.pt")
-    return time.perf_counter() - start
 
 
 def main(argv=None) -> None:
@@ -145,18 +145,24 @@ def main(argv=None) -> None:
         print(f"arm stage of {args.config}: {arm.name}, {arm.epochs} epochs, batch "
               f"{runner.config['data']['batch_size']}, torch threads {torch.get_num_threads()}"
               f", {args.repeats} x (stage, bare)", flush=True)
-        stage_s, bare_s = [], []
-        for repeat in range(args.repeats):
-            stage_s.append(stage_seconds(runner, arm))
-            bare_s.append(bare_seconds(runner, arm, Path(folder)))
-            print(f"  repeat {repeat + 1}: stage {stage_s[-1]:6.2f} s, bare {bare_s[-1]:6.2f} s",
-                  flush=True)
-        stage, bare = statistics.median(stage_s), statistics.median(bare_s)
+        times = interleaved(
+            {"stage": lambda: stage_seconds(runner, arm),
+             "bare": lambda: bare_seconds(runner, arm, Path(folder))}, args.repeats,
+            on_round=lambda index, done: print(
+                f"  repeat {index + 1}: stage {done['stage'][-1]:6.2f} s, bare "
+                f"{done['bare'][-1]:6.2f} s", flush=True))
+        stage, bare = (spread(times[side])["median"] for side in ("stage", "bare"))
         ratio = bare / stage
         print(f"median: stage {stage:.2f} s ({stage / arm.epochs:.2f} s/epoch), bare "
               f"{bare:.2f} s ({bare / arm.epochs:.2f} s/epoch)")
         print(f"ratio bare / stage {ratio:.3f} (goal >= 0.90): "
               f"{'met' if ratio >= 0.90 else 'NOT met'}")
+        write_result("arm_stage", {
+            "config": args.config, "arm": arm.name, "epochs": arm.epochs,
+            "batch_size": runner.config["data"]["batch_size"], "repeats": args.repeats,
+            "stage_s": spread(times["stage"]), "bare_s": spread(times["bare"]),
+            "stage_s_per_round": times["stage"], "bare_s_per_round": times["bare"],
+            "ratio_bare_over_stage": ratio, "goal": ">= 0.90"})
         if args.profile:
             forget(runner, arm)
             profile = cProfile.Profile()

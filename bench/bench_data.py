@@ -5,8 +5,9 @@ ToTensor + Normalize of batches of 128, on the device -- from the same synthetic
 CIFAR-shaped uint8 images. The torchvision side is a real ``torchvision.datasets.CIFAR10``
 (its own ``__getitem__`` and PIL transform path, only the file reading skipped) behind a
 DataLoader with one worker per CPU core; its batches are copied to the device as training
-would. Both are measured in the same run, best of ``--rounds``; the ratio is
-DeviceLoader / torchvision (goal: >= 10 on CPU).
+would. Both are measured in the same run, rounds interleaved (``common.interleaved``), best
+of ``--rounds``; the ratio is DeviceLoader / torchvision (goal: >= 10 on CPU). The numbers
+and their provenance go to ``bench/results/data_<time>.json``.
 
     python bench/bench_data.py [--device cuda] [--images 50000] [--batches 200]
 """
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import torch
+from common import interleaved, spread, timed, write_result
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.datasets.vision import VisionDataset
@@ -47,35 +48,33 @@ def synthetic_cifar(count: int, seed: int = 0) -> SyntheticCIFAR10:
     return SyntheticCIFAR10(data, targets, transform)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_batches(batches, count: int, device: torch.device) -> float:
     """Images per second over the first ``count`` batches of an iterator."""
-    images = 0
-    sync(device)
-    start = time.perf_counter()
-    for index, (x, y) in enumerate(batches):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        images += len(x)
-        if index + 1 == count:
-            break
-    sync(device)
-    return images / (time.perf_counter() - start)
+
+    def take() -> int:
+        images = 0
+        for index, (x, y) in enumerate(batches):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            images += len(x)
+            if index + 1 == count:
+                break
+        return images
+
+    seconds, images = timed(take, device)
+    return images / seconds
 
 
 def bench_device(dataset, device, batch_size: int, count: int) -> float:
-    sync(device)
-    start = time.perf_counter()
-    images, labels = images_as_tensor(dataset)
     epoch = [0]
-    loader = DeviceLoader(images, labels, batch_size, MEAN, STD, train=True, augment=True,
-                          seed=0, device=device, epoch_fn=lambda: epoch[0])
-    sync(device)
-    SETUP_SECONDS.append(time.perf_counter() - start)
+
+    def build() -> DeviceLoader:
+        images, labels = images_as_tensor(dataset)
+        return DeviceLoader(images, labels, batch_size, MEAN, STD, train=True, augment=True,
+                            seed=0, device=device, epoch_fn=lambda: epoch[0])
+
+    seconds, loader = timed(build, device)
+    SETUP_SECONDS.append(seconds)
     time_batches(loader, 5, device)  # warm-up: tables, allocator, first touch of the data
     best = 0.0
     for _ in range(2):
@@ -112,17 +111,24 @@ def main(argv=None) -> None:
     print(f"device {device}, {args.images} images 32x32x3, batch {args.batch_size}, "
           f"{args.batches} timed batches, torchvision workers {args.workers}, "
           f"torch threads {torch.get_num_threads()}")
-    ours = theirs = 0.0
-    for _ in range(args.rounds):  # interleaved, so both see the same machine load
-        ours = max(ours, bench_device(dataset, device, args.batch_size, args.batches))
-        theirs = max(theirs, bench_torchvision(dataset, device, args.batch_size, args.batches,
-                                               args.workers))
+    rates = interleaved(
+        {"DeviceLoader": lambda: bench_device(dataset, device, args.batch_size, args.batches),
+         "torchvision": lambda: bench_torchvision(dataset, device, args.batch_size,
+                                                  args.batches, args.workers)}, args.rounds)
+    ours, theirs = max(rates["DeviceLoader"]), max(rates["torchvision"])
     ratio = ours / theirs
     print(f"DeviceLoader            {ours:12,.0f} img/s   (+ {min(SETUP_SECONDS):.2f} s once, "
           f"to copy, pad and mirror the split on the device)")
     print(f"torchvision DataLoader  {theirs:12,.0f} img/s")
     print(f"ratio {ratio:.1f}x (goal >= 10 on CPU): {'met' if ratio >= 10 else 'NOT met'}")
-
+    write_result("data", {
+        "images": args.images, "batch_size": args.batch_size, "timed_batches": args.batches,
+        "workers": args.workers, "rounds": args.rounds,
+        "device_loader_img_per_s": spread(rates["DeviceLoader"]),
+        "torchvision_img_per_s": spread(rates["torchvision"]),
+        "device_loader_setup_s": min(SETUP_SECONDS),
+        "ratio_best_device_loader_over_best_torchvision": ratio, "goal": ">= 10 on CPU"},
+        device=device)
 
 if __name__ == "__main__":
     main()

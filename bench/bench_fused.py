@@ -13,8 +13,10 @@ time / fused time (> 1: fused is faster).
     python bench/bench_fused.py                       # CPU: the demo MLP on Fashion-MNIST
     python bench/bench_fused.py --model resnet20 --synthetic --accelerator gpu --epochs 3
 
-``--synthetic`` writes CIFAR-10-shaped data in the real file format (a device without
-network); ``compare()`` is the same as a function for a GPU suite.
+``--synthetic`` writes CIFAR-10-shaped random images in the real file format (a device
+without network; ``--train-images`` / ``--test-images`` size it, small for a smoke run);
+``compare()`` is the same as a function for a GPU suite. The numbers and their provenance go
+to ``bench/results/fused_<time>.json``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from common import timed, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -38,16 +41,29 @@ MODELS = {
 }
 
 
-def synthetic_cifar(folder: Path, n_train: int, n_test: int) -> Path:
-    """CIFAR-10 batches in the real format, not the real images: torchvision's md5 check
-    is bypassed for them in this process (as in the tests' ``allow_unverified_cifar``)."""
+def synthetic_cifar(folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Random CIFAR-10 images and labels in torchvision's ``cifar-10-batches-py`` format (five
+    training batches, a test batch, the label names); returns the data_dir. Their md5 sums
+    are not the real files', so torchvision's check of them is bypassed in this process."""
     import torchvision.datasets.cifar as tv_cifar
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import write_cifar_dataset
+    rng = np.random.default_rng(seed)
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True, exist_ok=True)
 
+    def write(name: str, count: int) -> None:
+        rows = rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=count).tolist()
+        with open(batches / name, "wb") as handle:
+            pickle.dump({"data": rows, "labels": labels}, handle)
+
+    for number, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+        write(f"data_batch_{number}", len(part))
+    write("test_batch", n_test)
+    with open(batches / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": [f"class_{i}" for i in range(10)]}, handle)
     tv_cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
-    return write_cifar_dataset(folder, "cifar10", n_train=n_train, n_test=n_test)
+    return folder
 
 
 def study_config(folder: Path, model: str, data_dir: str, epochs: int, accelerator: str) -> Path:
@@ -71,11 +87,10 @@ def study_config(folder: Path, model: str, data_dir: str, epochs: int, accelerat
 def _run(*args: str) -> float:
     from lightning_lth.cli import main
 
-    started = time.perf_counter()
-    code = main(list(args))
+    seconds, code = timed(lambda: main(list(args)))
     if code:
         raise SystemExit(f"{' '.join(args)} exited with {code}")
-    return time.perf_counter() - started
+    return seconds
 
 
 def _arms(store: Path) -> dict[str, dict]:
@@ -84,13 +99,13 @@ def _arms(store: Path) -> dict[str, dict]:
 
 
 def compare(model: str = "mlp", data_dir: str = "data", epochs: int = 2,
-            accelerator: str = "cpu", synthetic: bool = False, acc_margin: float = 0.005
-            ) -> dict:
+            accelerator: str = "cpu", synthetic: bool = False, acc_margin: float = 0.005,
+            train_images: int = 5000, test_images: int = 1000) -> dict:
     """Time the fused group and the 12 arms one after another; check they agree."""
     folder = Path(tempfile.mkdtemp(prefix="bench_fused_"))
     try:
         if synthetic:
-            data_dir = str(synthetic_cifar(folder / "data", 5000, 1000))
+            data_dir = str(synthetic_cifar(folder / "data", train_images, test_images))
         config = study_config(folder, model, data_dir, epochs, accelerator)
         base = ["--config", str(config)]
         _run("prune", *base)  # dense A and the IMP chain
@@ -128,11 +143,16 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--acc-margin", type=float, default=0.005)
+    parser.add_argument("--train-images", type=int, default=5000,
+                        help="with --synthetic: training images written")
+    parser.add_argument("--test-images", type=int, default=1000,
+                        help="with --synthetic: test images written")
     args = parser.parse_args()
     result = compare(args.model, args.data_dir, args.epochs, args.accelerator, args.synthetic,
-                     args.acc_margin)
+                     args.acc_margin, args.train_images, args.test_images)
     result["torch_threads"] = torch.get_num_threads()
     print(json.dumps(result, indent=2))
+    write_result("fused", result, device="cuda" if args.accelerator == "gpu" else "cpu")
     if not result["check_passed"]:
         raise SystemExit("fused and sequential arms disagree beyond the stated tolerance")
 
