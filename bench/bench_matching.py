@@ -8,6 +8,9 @@
     of them, scaled to 50); prints the ratio matching / 50 steps (goal <= 1.0).
 (b) scipy linear_sum_assignment on a {lap_size}^2 random matrix in [-1, 1] (goal < 1 s).
 
+The sides run in ``--repeats`` interleaved rounds (``common.interleaved``), fastest kept; the
+numbers and their provenance go to ``bench/results/matching_<time>.json``.
+
     python bench/bench_matching.py --device cpu --batches 5 --train-steps 5  # CPU default
     python bench/bench_matching.py --device cuda --batches 50                # the goal's setting
 """
@@ -16,28 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
+from common import device_name, interleaved, sync, timed, write_result
 from scipy.optimize import linear_sum_assignment
 
 from lightning_lth.models import build_model
 from lightning_lth.symmetry import check_spec, match
 from lightning_lth.symmetry.matching import activation_correlations
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
 
 
 def main(argv=None) -> dict:
@@ -103,31 +93,27 @@ def main(argv=None) -> dict:
         return match(model_a, model_b, spec, method="activation", batches=batches,
                      num_batches=args.batches, correlations=correlations)
 
+    def check_and_match():
+        check_s = timed(lambda: check_spec(model_a, spec), device)[0]
+        return check_s, *timed(match_all, device)
+
     # on CUDA, also the passes run eagerly (study.match.cuda_graphs=false) for comparison
-    sides = ("match", "train") + (("eager",) if device.type == "cuda" else ())
-    check_s, match_s, train_s, eager_s = [], [], [], []
-    for round_ in range(max(args.repeats, 1)):
-        for what in sides if round_ % 2 == 0 else reversed(sides):
-            if what == "match":
-                check_s.append(timed(lambda: check_spec(model_a, spec), device)[0])
-                seconds, pi = timed(match_all, device)
-                match_s.append(seconds)
-            elif what == "eager":
-                eager_s.append(timed(lambda: match_all(cuda_graphs=False), device)[0])
-            else:
-                train_s.append(timed(train_all, device)[0])
-    check_s, match_s, train_s = min(check_s), min(match_s), min(train_s)
+    sides = {"match": check_and_match, "train": lambda: timed(train_all, device)[0]}
+    if device.type == "cuda":
+        sides["eager"] = lambda: timed(lambda: match_all(cuda_graphs=False), device)[0]
+    rounds = interleaved(sides, max(args.repeats, 1))
+    _, match_s, pi = min(rounds["match"], key=lambda done: done[1])
+    check_s = min(done[0] for done in rounds["match"])
+    train_s, eager_s = min(rounds["train"]), rounds.get("eager", [])
     train_50_s = train_s / args.train_steps * 50
 
     lap_gen = torch.Generator().manual_seed(args.seed)
     matrix = (torch.rand(args.lap_size, args.lap_size, generator=lap_gen,
                          dtype=torch.float64) * 2 - 1).numpy()
-    start = time.perf_counter()
-    linear_sum_assignment(matrix, maximize=True)
-    lap_s = time.perf_counter() - start
+    lap_s = timed(lambda: linear_sum_assignment(matrix, maximize=True))[0]
 
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "model": f"resnet20x{args.width}",
         "batches": args.batches,
@@ -155,6 +141,7 @@ def main(argv=None) -> dict:
     print(f"(b) linear_sum_assignment {args.lap_size}x{args.lap_size}: {lap_s:.3f} s (goal < 1 "
           f"s) -> {'OK' if lap_s < 1 else 'MISSED'}")
     print(json.dumps(result))
+    write_result("matching", result, device=device)
     if args.profile:
         profile_matching(match_all, device)
     return result

@@ -7,8 +7,9 @@ exactly as ``LTHModule`` installs them (gradient hook + optimizer step-post hook
 
 (a) step time: forward + backward + optimizer step + hooks, from ``on_train_batch_start`` to
     ``on_train_batch_end`` (data loading excluded; CUDA synchronised). Dense and sparse fits
-    alternate in blocks in one process, so drifting machine load hits both alike; each block
-    drops its first steps as warm-up. Ratio of the medians; goal <= 1.05.
+    alternate in blocks in one process (``common.interleaved``), so drifting machine load
+    hits both alike; each block drops its first steps as warm-up. Ratio of the medians;
+    goal <= 1.05.
 (b) peak memory: one child process per variant trains a few steps. CPU: peak RSS
     (``ru_maxrss``) of the child, and the growth over its RSS just before ``fit``; CUDA:
     ``torch.cuda.max_memory_allocated`` during fit, and its growth over the memory allocated
@@ -19,6 +20,7 @@ threads competing with other processes made single steps up to 3x slower at rand
 drowns a ratio near 1.
 
 Usage: ``python bench/bench_sparse.py [--device cpu|cuda] [--steps N] [--batch-size B]``.
+The numbers and their provenance go to ``bench/results/sparse_<time>.json``.
 """
 
 from __future__ import annotations
@@ -33,16 +35,14 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+import torch
+from common import interleaved, sync, write_result
+from torch.utils.data import DataLoader, TensorDataset
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-from lightning_lth.module import LTHModule  # noqa: E402
-from lightning_lth.sparsity import imp  # noqa: E402
+from lightning_lth.module import LTHModule
+from lightning_lth.sparsity import imp
 
 GOAL_TIME, GOAL_MEMORY = 1.05, 1.10
 
@@ -77,11 +77,10 @@ def trainer(args, steps: int, callbacks=()) -> L.Trainer:
 
 class StepTimer(L.Callback):
     def __init__(self, device: str, warmup: int):
-        self.cuda, self.warmup, self.times = device == "cuda", warmup, []
+        self.device, self.warmup, self.times = device, warmup, []
 
     def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
         return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -97,17 +96,17 @@ def measure_time(args) -> dict:
     modules = {"dense": build(False, args), "sparse": build(True, args)}
     per_block = -(-args.steps // args.repeats)
     data = loader(args, args.warmup + per_block)
-    times = {name: [] for name in modules}
-    block_ratios = []
-    for block in range(args.repeats):
-        medians = {}
-        order = list(modules) if block % 2 == 0 else list(modules)[::-1]
-        for name in order:
-            timer = StepTimer(args.device, args.warmup)
-            trainer(args, args.warmup + per_block, [timer]).fit(modules[name], data)
-            times[name] += timer.times
-            medians[name] = statistics.median(timer.times)
-        block_ratios.append(medians["sparse"] / medians["dense"])
+
+    def block(name: str) -> list[float]:
+        timer = StepTimer(args.device, args.warmup)
+        trainer(args, args.warmup + per_block, [timer]).fit(modules[name], data)
+        return timer.times
+
+    blocks = interleaved({name: lambda name=name: block(name) for name in modules},
+                         args.repeats)
+    times = {name: [step for steps in blocks[name] for step in steps] for name in modules}
+    block_ratios = [statistics.median(sparse) / statistics.median(dense)
+                    for dense, sparse in zip(blocks["dense"], blocks["sparse"], strict=True)]
     sparse_mask = modules["sparse"].mask
     return {"median_s": {n: statistics.median(t) for n, t in times.items()},
             "mean_s": {n: statistics.fmean(t) for n, t in times.items()},
@@ -217,6 +216,13 @@ def main() -> None:
         misses += [] if ok else [label]
         print(f"RATIO {label}: {ratio:.3f} (goal <= {goal:.2f}) {'ok' if ok else 'MISSED'}")
     print(f"total {time.perf_counter() - started:.0f} s")
+    write_result("sparse", {
+        "model": f"resnet20x{args.width}", "batch_size": args.batch_size,
+        "precision": args.precision, "sparsity": timing["sparsity"], "timing": timing,
+        "memory": memory, "what_memory": what, "ratio_step_time": time_ratio,
+        "ratio_peak_memory": peak_ratio, "ratio_memory_growth": growth_ratio,
+        "goals": {"step_time": f"<= {GOAL_TIME}", "memory": f"<= {GOAL_MEMORY}"},
+        "missed": misses}, device=args.device)
     if args.strict and misses:
         sys.exit(1)
 

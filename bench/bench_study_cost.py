@@ -2,11 +2,14 @@
 seed), against the authors' procedure (a dense pair and an IMP chain per sparsity).
 
 Both counts come from the same planning code the experiment runs (no training, no data).
+The numbers and their provenance go to ``bench/results/study_cost_<time>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from common import write_result
 
 from lightning_lth.cli import make_cli
 from lightning_lth.experiment.plan import build_plan, study_settings
@@ -33,6 +36,9 @@ def main() -> None:
     print(f"authors' procedure: {authors} epochs (per sparsity: 2 dense + its own IMP chain;"
           f" same arms)")
     print(f"ratio ours / authors = {ours / authors:.3f}  (goal <= 0.9)")
+    write_result("study_cost", {"config": args.config, "cells": len(plan.arms), "T": T,
+                                "our_epochs": ours, "authors_epochs": authors,
+                                "ratio_ours_over_authors": ours / authors, "goal": "<= 0.9"})
 
 
 if __name__ == "__main__":

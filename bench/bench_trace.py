@@ -12,6 +12,8 @@
 
     python bench/bench_trace.py    # CPU, 1 thread; (a) fastest of --repeats rounds, (b) median
                                    # ratio of rounds
+
+The numbers and their provenance go to ``bench/results/trace_<time>.json``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 import torchvision
+from common import cpu_pressure, interleaved, timed, write_result
 
 from lightning_lth.models import build_model
 from lightning_lth.symmetry import activation_match, check_spec, derive_spec
@@ -32,22 +34,14 @@ from lightning_lth.symmetry.trace import check_dtype, locate, trace
 
 
 def fastest(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(fn)[0] for _ in range(repeats))
 
 
-def cpu_pressure() -> str:
-    """How busy the machine is: Linux's CPU pressure (share of the last minute in which some
-    task waited for a CPU), else the 1-minute load average."""
-    try:
-        with open("/proc/pressure/cpu") as pressure:
-            return f"{float(pressure.readline().split()[2].split('=')[1]):.0f}% waiting (PSI)"
-    except (OSError, IndexError, ValueError):
-        return f"load average {os.getloadavg()[0]:.2f}"
+def pressure_text() -> str:
+    """How busy the machine is: CPU pressure where Linux reports it, else the load average."""
+    pressure = cpu_pressure()
+    return f"{pressure:.0f}% waiting (PSI)" if pressure is not None else \
+        f"load average {os.getloadavg()[0]:.2f}"
 
 
 def as_graph_nodes(model, spec: PermutationSpec) -> PermutationSpec:
@@ -70,8 +64,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    result = {"torch_threads": torch.get_num_threads(), "repeats": args.repeats,
-              "cpu_pressure_at_start": cpu_pressure()}
+    result = {"torch_threads": torch.get_num_threads(), "repeats": args.repeats}
+    at_start = pressure_text()
 
     nets = {
         "resnet18": (torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
@@ -100,12 +94,10 @@ def main(argv=None) -> dict:
         """activation_match with two specs, run back to back in each round (alternating which
         goes first): the fastest time of each, and the median of the rounds' ratios (robust to
         the machine's load drifting between rounds)."""
-        times = {key: [] for key in specs}
-        for round_ in range(args.repeats):
-            for key in list(specs)[::1 if round_ % 2 == 0 else -1]:
-                start = time.perf_counter()
-                activation_match(*pair, specs[key], data)
-                times[key].append(time.perf_counter() - start)
+        def side(spec):
+            return lambda: timed(lambda: activation_match(*pair, spec, data))[0]
+
+        times = interleaved({key: side(spec) for key, spec in specs.items()}, args.repeats)
         (key_a, a), (key_b, b) = times.items()
         ratio = statistics.median(x / y for x, y in zip(a, b, strict=True))
         verdict = f"(goal <= {goal}) -> {'OK' if ratio <= goal else 'MISSED'}" if goal else \
@@ -125,11 +117,10 @@ def main(argv=None) -> dict:
     result["match_resnet18"] = compare(
         f"activation matching resnet18 (derived spec), {args.batches} x {args.batch_size}",
         resnet18, {"graph_nodes": as_graph_nodes(resnet18[0], hooks), "module_hooks": hooks})
-    result["cpu_pressure_at_end"] = cpu_pressure()
-    print(f"CPU contention {result['cpu_pressure_at_start']} at start, "
-          f"{result['cpu_pressure_at_end']} at end, {os.cpu_count()} CPUs: on a shared machine "
-          f"timings vary several-fold")
+    print(f"CPU contention {at_start} at start, {pressure_text()} at end, {os.cpu_count()} "
+          f"CPUs: on a shared machine timings vary several-fold")
     print(json.dumps(result))
+    write_result("trace", result)
     return result
 
 

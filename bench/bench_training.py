@@ -7,8 +7,9 @@ compile settings. The Lightning side is a real Trainer (no logger, checkpointing
 bar, model summary or validation); the bare side is forward, cross-entropy, backward, step.
 ``--warmup`` steps (cudnn autotuning, allocator, torch.compile) are excluded: each side
 times ``--steps`` steps from the start of step ``warmup`` (its batch fetched) to the end
-of the last, synchronising the device at both ends. Rounds alternate the two sides; the
-best of each is kept. Ratio = Lightning / bare (goal: >= 0.95).
+of the last, synchronising the device at both ends. Rounds alternate the two sides
+(``common.interleaved``); the best of each is kept. Ratio = Lightning / bare (goal:
+>= 0.95). The numbers and their provenance go to ``bench/results/training_<time>.json``.
 
     python bench/bench_training.py [--device cuda] [--steps 40] [--precision bf16-mixed]
                                    [--channels-last] [--compile] [--cuda-graphs]
@@ -25,6 +26,7 @@ import warnings
 import lightning as L
 import torch
 import torch.nn.functional as F
+from common import device_name, interleaved, spread, sync, write_result
 
 from lightning_lth.data import DATASETS, DeviceLoader
 from lightning_lth.fused import FusedArms
@@ -35,11 +37,6 @@ from lightning_lth.sparsity.mask import Mask
 MEAN, STD = DATASETS["cifar10"].authors_stats
 LR, MOMENTUM, WEIGHT_DECAY = 0.08, 0.9, 5e-4
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_loader(args, device: torch.device, epoch_fn) -> DeviceLoader:
@@ -177,24 +174,29 @@ def main(argv=None) -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    print(f"ResNet20x1, device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
+    print(f"ResNet20x1, device {device} ({device_name(device)})"
           f", batch {args.batch_size}, precision {args.precision}, channels_last "
           f"{args.channels_last}, compile {args.compile}, cuda_graphs {args.cuda_graphs}, "
           f"{args.warmup} warm-up + "
           f"{args.steps} timed steps x {args.rounds} rounds, torch threads "
           f"{torch.get_num_threads()}", flush=True)
-    bare = ours = 0.0
-    for round_index in range(args.rounds):
-        bare_now, ours_now = bare_rate(args, device), lightning_rate(args, device)
-        print(f"  round {round_index + 1}: bare {bare_now:9,.1f} img/s, Lightning "
-              f"{ours_now:9,.1f} img/s", flush=True)
-        bare, ours = max(bare, bare_now), max(ours, ours_now)
+    rates = interleaved(
+        {"bare": lambda: bare_rate(args, device), "Lightning": lambda: lightning_rate(args, device)},
+        args.rounds, on_round=lambda index, done: print(
+            f"  round {index + 1}: bare {done['bare'][-1]:9,.1f} img/s, Lightning "
+            f"{done['Lightning'][-1]:9,.1f} img/s", flush=True))
+    bare, ours = max(rates["bare"]), max(rates["Lightning"])
     ratio = ours / bare
     print(f"bare PyTorch loop     {bare:10,.1f} img/s")
     print(f"Lightning Trainer.fit {ours:10,.1f} img/s")
     print(f"ratio {ratio:.3f} (goal >= 0.95): {'met' if ratio >= 0.95 else 'NOT met'}")
-
+    write_result("training", {
+        "model": "resnet20x1", "batch_size": args.batch_size, "precision": args.precision,
+        "channels_last": args.channels_last, "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs, "warmup": args.warmup, "steps": args.steps,
+        "rounds": args.rounds, "images": args.images,
+        "bare_img_per_s": spread(rates["bare"]), "fit_img_per_s": spread(rates["Lightning"]),
+        "ratio_best_fit_over_best_bare": ratio, "goal": ">= 0.95"}, device=device)
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@ hits both alike: ``interleaved`` runs the sides round by round, reversing their 
 other round. A number without its machine is not a result: ``write_result`` stores the
 numbers with the git commit (and whether the tree had uncommitted changes), the versions of
 Python, torch, Lightning and lightning_lth, the device's name, the torch thread count, the
-load average when the bench started and when it wrote, and the command line. Files go to
+machine's load when the bench started and when it wrote (load average, and Linux's CPU
+pressure where there is one), and the command line. Files go to
 ``bench/results/<topic>_<UTC time>.json`` (git-ignored); the curated ones are copied into
 ``docs/benchmarks/`` by hand, with their provenance.
 """
@@ -32,8 +33,20 @@ from lightning_lth.io import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+
+
+def cpu_pressure() -> float | None:
+    """Linux's CPU pressure: the share (%) of the last minute in which some task waited for a
+    CPU (``/proc/pressure/cpu``); None where the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu") as pressure:
+            return float(pressure.readline().split()[2].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 # the machine's load when the bench began: this module is imported before any work
-LOAD_AT_START = os.getloadavg()
+LOAD_AT_START, PRESSURE_AT_START = os.getloadavg(), cpu_pressure()
 
 
 def sync(device: torch.device | str | None) -> None:
@@ -131,6 +144,8 @@ def provenance(device: torch.device | str | None = None,
         "torch_threads": torch.get_num_threads(),
         "load_average_start": [round(x, 2) for x in LOAD_AT_START],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "cpu_pressure_pct_start": PRESSURE_AT_START,
+        "cpu_pressure_pct_end": cpu_pressure(),
     }
 
 

@@ -25,8 +25,9 @@ one that overruns it is stopped:
     PYTHONPATH=. python bench/gpu_suite.py [--out DIR] [--fmnist DIR] [--only 1,2]
     PYTHONPATH=. python bench/gpu_suite.py --smoke       # any machine, CPU, tiny: proves it runs
 
-Every number goes to ``DIR/gpu_suite.json`` (default ``$OUT`` when set) after each section,
-and as the last line printed.
+Every number goes, with its provenance (``common.write_result``: commit, versions, device,
+load, command), to ``DIR/gpu_suite.json`` (``--out``, default ``$OUT`` when set; else
+``bench/results/gpu_suite_<time>.json``) after each section, and as the last line printed.
 """
 
 from __future__ import annotations
@@ -42,16 +43,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import bench_matching
+import bench_training
 import torch
+from common import interleaved, provenance, result_path, write_result
+
+from lightning_lth.experiment.progress import silence_known_noise
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-import bench_matching  # noqa: E402
-import bench_training  # noqa: E402
-
-from lightning_lth.experiment.progress import silence_known_noise  # noqa: E402
-from lightning_lth.io import save_json  # noqa: E402
 
 # ---- HOOK: the fused-arms stage bench (bench/bench_fused.py) ------------------------------
 # Its ``compare()``: the fused group of 12 arms (4 sparsities x 3 arms at k = 1) vs the same
@@ -83,22 +82,18 @@ def _sides_args(mode: str, fast: bool) -> SimpleNamespace:
                            channels_last=fast, compile=fast, cuda_graphs=False)
 
 
-def interleaved(sides: dict, rounds: int) -> dict:
-    """Best images/s of each side over ``rounds`` rounds, the sides alternating within each;
-    a side that fails (say, a graph's capture) is reported and the others go on."""
-    best: dict = dict.fromkeys(sides, 0.0)
-    for round_index in range(rounds):
-        for name, rate in sides.items():
-            if isinstance(best[name], str):
-                continue
-            try:
-                best[name] = max(best[name], rate())
-            except Exception as error:
-                best[name] = f"FAILED: {type(error).__name__}: {error}"
-        print(f"  round {round_index + 1}: " + ", ".join(
-            f"{name} {value:,.0f} img/s" if not isinstance(value, str) else f"{name} {value}"
-            for name, value in best.items()), flush=True)
-    return best
+def best_rates(sides: dict, rounds: int) -> dict:
+    """Best images/s of each side over ``rounds`` interleaved rounds; a side that fails (say,
+    a graph's capture) is reported and the others go on."""
+
+    def show(index: int, values: dict) -> None:
+        print(f"  round {index + 1}: " + ", ".join(
+            f"{name} {value[-1]:,.0f} img/s" if not isinstance(value, str) else f"{name} {value}"
+            for name, value in values.items()), flush=True)
+
+    values = interleaved(sides, rounds, keep_going=True, on_round=show)
+    return {name: value if isinstance(value, str) else max(value)
+            for name, value in values.items()}
 
 
 def add_ratio(best: dict, name: str, base: str, goal: float) -> None:
@@ -111,7 +106,7 @@ def training_rates(mode: str, device: torch.device, fast: bool) -> dict:
     """Bare eager, fit eager (dense, masked) and fit + CUDA graphs, rounds interleaved."""
     args = _sides_args(mode, fast)
     graphed = SimpleNamespace(**{**vars(args), "cuda_graphs": True})
-    best = interleaved({"bare eager": lambda: bench_training.bare_rate(args, device),
+    best = best_rates({"bare eager": lambda: bench_training.bare_rate(args, device),
                         "fit eager": lambda: bench_training.lightning_rate(args, device),
                         "fit eager masked 90%": lambda: bench_training.lightning_rate(
                             args, device, sparsity=0.9),
@@ -129,7 +124,7 @@ def fused_steps(mode: str, device: torch.device) -> dict:
     args = _sides_args(mode, fast=False)
     args.steps, args.warmup = max(args.steps // 3, 2), max(args.warmup // 3, 3)
     bf16 = SimpleNamespace(**{**vars(args), "precision": "bf16-mixed"})
-    best = interleaved({"fit one masked net": lambda: bench_training.lightning_rate(
+    best = best_rates({"fit one masked net": lambda: bench_training.lightning_rate(
                             args, device, sparsity=0.9),
                         "fused 12 (sum over members)": lambda: bench_training.fused_rate(
                             args, device),
@@ -201,14 +196,12 @@ def main(argv=None) -> dict:
         parser.error("no CUDA device: run with --smoke for the CPU check")
     device = torch.device("cuda", torch.cuda.current_device()) if mode == "gpu" \
         else torch.device("cpu")
-    card = torch.cuda.get_device_name(device) if mode == "gpu" else "cpu"
-    import lightning
-
-    print(f"gpu_suite ({mode}): {card}, torch {torch.__version__}, lightning "
-          f"{lightning.__version__}", flush=True)
+    where = provenance(device)
+    print(f"gpu_suite ({mode}): {where['device']}, torch {where['torch']}, lightning "
+          f"{where['lightning']}, commit {where['git_commit']}", flush=True)
+    out = Path(args.out) / "gpu_suite.json" if args.out else result_path("gpu_suite")
     began = time.perf_counter()
-    results: dict = {"mode": mode, "device": card, "torch": torch.__version__,
-                     "lightning": lightning.__version__}
+    results: dict = {"mode": mode}
     sections = [  # (name, estimated seconds on an H100, run)
         ("CUDA tests", 60, lambda: cuda_tests(args.tests)),
         ("ResNet20x1 fp32", 70, lambda: training_rates(mode, device, fast=False)),
@@ -240,11 +233,9 @@ def main(argv=None) -> dict:
             signal.alarm(0)
         results[f"{name} seconds"] = round(time.perf_counter() - start, 1)
         print(f"   ({results[f'{name} seconds']:.0f} s)", flush=True)
-        if args.out:
-            save_json(json.loads(json.dumps(results, default=str)), Path(args.out) / "gpu_suite.json")
+        write_result("gpu_suite", results, device=device, path=out)
     results["total_s"] = round(time.perf_counter() - began, 1)
-    if args.out:
-        save_json(json.loads(json.dumps(results, default=str)), Path(args.out) / "gpu_suite.json")
+    write_result("gpu_suite", results, device=device, path=out)
     print(json.dumps(results, default=str))
     return results
 
