@@ -43,11 +43,12 @@ from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.matching import perm_agreement
 
 # study.fuse when it is not set, per training device type: the group size (1: arms train
-# one after another). Measured (README, "Fused arms"): on CPU the fused group of 12 took
-# 1.09-1.12x the time of the arms one after another (bench/bench_fused.py); on an H100 it
-# trained 4.0-4.5x the images/s of one arm, and whole arm stages ran 3.7x (ResNet20x1) and
-# 6.2x (the demo MLP) faster (bench/gpu_suite.py). Where the config asks for what a fused
-# group does not honour (``fused.unfusable``), the default is 1.
+# one after another). Measured: on CPU the fused group of 12 demo-MLP arms took 1.09-1.12x
+# the time of the arms one after another (docs/benchmarks/fused_arms_cpu_2026-11.md); on an
+# H100 a group of 12 ResNet20x1 trained 3.99x the images/s of one net, and whole arm stages
+# ran 3.70x (ResNet20x1) and 6.18x (the demo MLP) faster
+# (docs/benchmarks/fused_arms_h100_2026-11.md). Where the config asks for what a fused group
+# does not honour (``fused.unfusable``), the default is 1.
 FUSE_DEFAULT = {"cpu": 1, "cuda": 12}
 
 # Trainer arguments the runner sets itself for every stage.

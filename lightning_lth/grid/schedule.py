@@ -13,10 +13,11 @@ with nothing timed counts 1 s per epoch per width-1 net, which ``describe`` says
 
 A fused arm group trains its members side by side: its epochs are its members' epochs summed,
 each costing ``fused_epoch_cost`` times an epoch trained alone (``FUSED_EPOCH_COST``, per
-device type, measured: on CPU 12 demo-MLP arms fused took 1/0.87 of their time one after
-another (bench/bench_fused.py); on an H100 a group of 12 ResNet20x1 trained 4.04x the images
-per second of one net (bench/gpu_suite.py); ``--fused_epoch_cost`` overrides it). A group's
-measured time is its members' shared wall time.
+device type, measured: on CPU 12 demo-MLP arms fused took 1.121 and 1.088 times their time
+one after another, 1.10 on average (docs/benchmarks/fused_arms_cpu_2026-11.md); on an H100
+a group of 12 ResNet20x1 trained 3.99x the images per second of one net
+(docs/benchmarks/fused_arms_h100_2026-11.md); ``--fused_epoch_cost`` overrides it). A
+group's measured time is its members' shared wall time.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from lightning_lth.errors import LTHError
 from lightning_lth.experiment.store import stage_times
 from lightning_lth.grid.graph import GridGraph, Node
 
-# A fused member's epoch over an alone epoch, per device type (module docstring).
-FUSED_EPOCH_COST = {"cpu": 1 / 0.87, "cuda": 1 / 4.04}
+# A fused member's epoch over an alone epoch, per device type (module docstring; measured in
+# docs/benchmarks/fused_arms_cpu_2026-11.md and docs/benchmarks/fused_arms_h100_2026-11.md).
+FUSED_EPOCH_COST = {"cpu": 1.10, "cuda": 1 / 3.99}
 
 
 @dataclass
