@@ -6,7 +6,8 @@ other round. A number without its machine is not a result: ``write_result`` stor
 numbers with the git commit (and whether the tree had uncommitted changes), the versions of
 Python, torch, Lightning and lightning_lth, the device's name, the torch thread count, the
 machine's load when the bench started and when it wrote (load average, and Linux's CPU
-pressure where there is one), and the command line. Files go to
+pressure where there is one), and the command line; the commit and the starting load are read
+when this module is imported, before the bench's work. Files go to
 ``bench/results/<topic>_<UTC time>.json`` (git-ignored); the curated ones are copied into
 ``docs/benchmarks/`` by hand, with their provenance.
 """
@@ -43,10 +44,6 @@ def cpu_pressure() -> float | None:
             return float(pressure.readline().split()[2].split("=")[1])
     except (OSError, IndexError, ValueError):
         return None
-
-
-# the machine's load when the bench began: this module is imported before any work
-LOAD_AT_START, PRESSURE_AT_START = os.getloadavg(), cpu_pressure()
 
 
 def sync(device: torch.device | str | None) -> None:
@@ -124,27 +121,40 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _snapshot() -> dict[str, Any]:
+    """The code and the machine's load as the bench begins (this module is imported before any
+    work), so that a commit made while a bench runs is not taken for the code it ran."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"started_utc": _utc_now(), "git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status),
+            "load_average_start": [round(x, 2) for x in os.getloadavg()],
+            "cpu_pressure_pct_start": cpu_pressure()}
+
+
+AT_START = _snapshot()
+
+
 def provenance(device: torch.device | str | None = None,
                argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Where and how a number was measured (see the module docstring)."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    cuda = device is not None and torch.device(device).type == "cuda"
     return {
-        "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **AT_START,
+        "written_utc": _utc_now(),
         "command": shlex.join(["python", *(sys.argv if argv is None else argv)]),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": _version("lightning"),
         "lightning_lth": _version("lightning_lth"),
         "device": device_name(device),
-        "cuda": torch.version.cuda if device is not None and torch.device(device).type == "cuda"
-        else None,
+        "cuda": torch.version.cuda if cuda else None,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average_start": [round(x, 2) for x in LOAD_AT_START],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "cpu_pressure_pct_start": PRESSURE_AT_START,
         "cpu_pressure_pct_end": cpu_pressure(),
     }
 
