@@ -107,11 +107,11 @@ def training_rates(mode: str, device: torch.device, fast: bool) -> dict:
     args = _sides_args(mode, fast)
     graphed = SimpleNamespace(**{**vars(args), "cuda_graphs": True})
     best = best_rates({"bare eager": lambda: bench_training.bare_rate(args, device),
-                        "fit eager": lambda: bench_training.lightning_rate(args, device),
-                        "fit eager masked 90%": lambda: bench_training.lightning_rate(
-                            args, device, sparsity=0.9),
-                        "fit cuda_graphs": lambda: bench_training.lightning_rate(graphed, device)},
-                       SIZES[mode]["rounds"])
+                       "fit eager": lambda: bench_training.lightning_rate(args, device),
+                       "fit eager masked 90%": lambda: bench_training.lightning_rate(
+                           args, device, sparsity=0.9),
+                       "fit cuda_graphs": lambda: bench_training.lightning_rate(graphed, device)},
+                      SIZES[mode]["rounds"])
     add_ratio(best, "fit eager", "bare eager", 0.95)
     add_ratio(best, "fit cuda_graphs", "bare eager", 2.5)
     add_ratio(best, "fit eager masked 90%", "fit eager", 0)
@@ -125,12 +125,12 @@ def fused_steps(mode: str, device: torch.device) -> dict:
     args.steps, args.warmup = max(args.steps // 3, 2), max(args.warmup // 3, 3)
     bf16 = SimpleNamespace(**{**vars(args), "precision": "bf16-mixed"})
     best = best_rates({"fit one masked net": lambda: bench_training.lightning_rate(
-                            args, device, sparsity=0.9),
-                        "fused 12 (sum over members)": lambda: bench_training.fused_rate(
-                            args, device),
-                        "fused 12 bf16-mixed (sum over members)":
-                            lambda: bench_training.fused_rate(bf16, device)},
-                       max(SIZES[mode]["rounds"] - 1, 1))
+                           args, device, sparsity=0.9),
+                       "fused 12 (sum over members)": lambda: bench_training.fused_rate(
+                           args, device),
+                       "fused 12 bf16-mixed (sum over members)":
+                           lambda: bench_training.fused_rate(bf16, device)},
+                      max(SIZES[mode]["rounds"] - 1, 1))
     add_ratio(best, "fused 12 (sum over members)", "fit one masked net", 4)
     add_ratio(best, "fused 12 bf16-mixed (sum over members)", "fit one masked net", 4)
     return best
