@@ -4,7 +4,7 @@
 Per batch, a few in-place tensor operations and nothing that a CUDA graph cannot capture;
 per epoch, one reduction over the ranks and one read. The ``MeanMetric`` and
 ``MulticlassAccuracy`` updates it replaces cost about 1 ms of Python a training step on a
-CPU (README, "Per-step overhead").
+CPU (docs/performance.md, "Where the time goes").
 
 The values are those ``MeanMetric`` and micro ``MulticlassAccuracy`` gave, to the bit: the
 loss sum is float32 and adds the batch mean once per image, as a contiguous tensor

@@ -10,8 +10,8 @@ stateless copy of the net. Chosen over hand-written grouped convolutions / batch
 because it fuses any ``nn.Module`` the project can build (MLP, ResNet with BatchNorm, VGG, a
 user's model) without a per-model rewrite, and its batching rules already lower a vmapped
 convolution to a grouped one and a vmapped linear layer to a batched matmul (the measured
-costs are in the README's fusion section). BatchNorm buffers are stacked too and updated in
-place under ``vmap``, so each member keeps its own running statistics. A model ``vmap``
+costs: docs/fused_and_cuda_graphs.md). BatchNorm buffers are stacked too and updated in place
+under ``vmap``, so each member keeps its own running statistics. A model ``vmap``
 cannot run (data-dependent control flow, BatchNorm with ``momentum=None``, random layers)
 is refused when the group is built, before any training.
 
