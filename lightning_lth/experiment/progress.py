@@ -187,7 +187,7 @@ def plan_table(stages: Sequence, status: Callable[[object], str],
         rows.append((stage.name, what(stage), state, str(stage.epochs), seconds,
                      f"{verb}: {why}" if why else verb))
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    lines = ["  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w)
+    lines = ["  ".join(cell.rjust(w) if i in (3, 4) else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
