@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 from test_experiment import tiny_config
 
-from lightning_lth.cli import make_cli
+from lightning_lth.cli import main, make_cli
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
 from lightning_lth.experiment.plan import build_plan
@@ -322,3 +322,12 @@ def test_an_unclassified_trainer_argument_is_refused_off_its_default(config):
         stage_keys(mutate(config, "trainer.fast_dev_run", True))
     with pytest.raises(LTHError, match=r"trainer.from_a_later_lightning=1: .*it has none"):
         stage_keys(mutate(config, "trainer.from_a_later_lightning", 1))
+
+
+def test_the_cli_refuses_an_unclassified_trainer_argument_before_any_work(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    assert main(["plan", "--config", str(config), "--trainer.min_epochs=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: trainer.min_epochs=2: a study keys only the Trainer")
+    assert err[-1].endswith("leave it at Lightning's default None")
+    assert not (tmp_path / "store").exists()
