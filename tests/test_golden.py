@@ -242,3 +242,8 @@ def test_plan_tells_what_an_upgrade_reuses_and_recomputes(golden, capsys, monkey
     assert rows["imp round 1 S=0.5000"] == "reuse"  # stored under its key: not recomputed
     assert "recompute: 1 stage the store holds under another key" in rows["footer"]
     assert "a store made before lightning_lth 0.2.0 is computed again once" in rows["footer"]
+    assert main(["plan", "--config", str(config), "--json"]) == 0
+    stages = {s["name"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+    assert (stages["dense A"]["action"], stages["dense A"]["why"]) == (
+        "recompute", "key policy changed (older release)")
+    assert (stages["match@b1"]["action"], stages["match@b1"]["why"]) == ("reuse", "")
