@@ -155,8 +155,9 @@ def test_plan_table_shows_status_epochs_and_time_measured_or_estimated(tmp_path,
     config = tiny_config(tmp_path)
     assert main(["plan", "--config", str(config)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["stage", "what", "status", "epochs", "time"]
-    assert len(lines) == 2 + 23 + 2 and all(line.split()[-1] == "?" for line in lines[2:25])
+    assert lines[0].split() == ["stage", "what", "status", "epochs", "time", "run"]
+    assert len(lines) == 2 + 23 + 2
+    assert all(line.split()[-2:] == ["?", "compute"] for line in lines[2:25])
     assert lines[-1] == ("total: 23 stages (0 done, 0 partial, 23 missing); 44 epochs, 44 to "
                          "train; time measured 0.0 s, estimated left ? (no epoch measured in "
                          "this store)")
@@ -165,9 +166,10 @@ def test_plan_table_shows_status_epochs_and_time_measured_or_estimated(tmp_path,
     capsys.readouterr()
     assert main(["plan", "--config", str(config)]) == 0
     cells = [re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines()[2:25]]
-    rows = {name: rest for name, *rest in cells}  # what, status, epochs, time
+    rows = {name: rest for name, *rest in cells}  # what, status, epochs, time, run
     assert rows["dense A"][1:3] == ["done", "3"] and re.fullmatch(r"\d+\.\d s", rows["dense A"][3])
-    assert rows["dense B"][1:] == ["missing", "3", rows["dense B"][3]]
+    assert rows["dense A"][4] == "reuse"
+    assert rows["dense B"][1:] == ["missing", "3", rows["dense B"][3], "compute"]
     assert rows["dense B"][3].startswith("~")  # estimated from dense A's measured epochs
     assert rows["match"][3] == "?"  # no stage of its kind measured, no epochs to go by
     assert rows["arm permuted S=0.8 k=1"][3].startswith("~")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_lth import numerics
 from lightning_lth.callbacks import check_rewind_epochs
 from lightning_lth.data import dataset_info
 from lightning_lth.errors import LTHError
@@ -250,8 +251,9 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
     label = f"{model['arch']}-w{model['width']}-{config['data']['dataset']}"
 
     def keyed(stage: Stage, view: dict = config) -> Stage:
-        return replace(stage, key=keys.stage_key(stage.kind, stage.label, stage.identity(),
-                                                 view))
+        inputs = keys.key_inputs(stage.kind, stage.identity(), view,
+                                 numerics.versions(stage.components, model["arch"]))
+        return replace(stage, key=keys.stage_key(stage.label, inputs), key_inputs=inputs)
 
     pairs = match_pairs(study.match.epochs, epochs)
     uses_b = any(ARMS[name].init == "B" for name in study.arms)

@@ -33,7 +33,9 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from lightning_lth import __version__
 from lightning_lth.callbacks import completed_epochs
+from lightning_lth.experiment.keys import OLDER_RELEASE
 
 # Third-party noise with nothing for a user to act on (Python warnings, then log lines).
 NOISY_WARNINGS = (r".*LeafSpec.*", r".*`tensorboardX` has been removed as a dependency.*")
@@ -153,9 +155,11 @@ def what(stage) -> str:
 
 
 def plan_table(stages: Sequence, status: Callable[[object], str],
-               times: dict[tuple[str, str], float]) -> str:
-    """The plan as a table: each stage's status, epochs and time (measured where it is done,
-    else estimated from the store's finished stages), then the totals."""
+               times: dict[tuple[str, str], float],
+               action: Callable[[object], tuple[str, str]]) -> str:
+    """The plan as a table: each stage's status, epochs, time (measured where it is done,
+    else estimated from the store's finished stages) and what a run does with it and why
+    (``Store.action``: reuse, resume, compute, recompute), then the totals."""
     estimator = Estimator()
     measured = {}
     for stage in stages:
@@ -163,19 +167,27 @@ def plan_table(stages: Sequence, status: Callable[[object], str],
         if seconds is not None and status(stage) == "done":
             estimator.add(stage.kind, stage.epochs, seconds)
             measured[stage.key] = seconds
-    rows = [("stage", "what", "status", "epochs", "time")]
+    rows = [("stage", "what", "status", "epochs", "time", "run")]
     states: dict[str, int] = defaultdict(int)
+    reasons: dict[str, int] = defaultdict(int)
+    recomputed = 0
     for stage in stages:
         state = status(stage)
         states[state] += 1
+        verb, why = action(stage)
+        if verb == "recompute":
+            recomputed += 1
+            for reason in why.split("; "):
+                reasons[reason] += 1
         if state == "done":
             seconds = duration(measured[stage.key]) if stage.key in measured else "-"
         else:
             estimate = estimator.estimate(stage.kind, stage.epochs)
             seconds = "?" if estimate is None else f"~{duration(estimate)}"
-        rows.append((stage.name, what(stage), state, str(stage.epochs), seconds))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w)
+        rows.append((stage.name, what(stage), state, str(stage.epochs), seconds,
+                     f"{verb}: {why}" if why else verb))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    lines = ["  ".join(cell.rjust(w) if i in (3, 4) else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -187,6 +199,14 @@ def plan_table(stages: Sequence, status: Callable[[object], str],
               f"{sum(s.epochs for s in pending)} to train; time measured "
               f"{duration(sum(measured.values()))}, estimated left "
               + (duration(left) if left is not None else "? (no epoch measured in this store)")]
+    if reasons:
+        lines.append(f"recompute: {plural(recomputed, 'stage')} the store holds under "
+                     f"another key, because: "
+                     + "; ".join(f"{reason} ({count})" for reason, count in sorted(
+                         reasons.items(), key=lambda item: -item[1])))
+    if reasons.get(OLDER_RELEASE):
+        lines.append(f"(this release keys stages by a new policy, docs/keys.md: a store made "
+                     f"before lightning_lth {__version__} is computed again once)")
     return "\n".join(lines)
 
 

@@ -294,7 +294,9 @@ class Runner:
         """The plan without running anything: stages, keys, status, epochs."""
         plan = self.plan()
         stages = [{"stage": s.kind, "name": s.name, "key": s.key,
-                   "status": self.store.status(s), "epochs": s.epochs} for s in plan.stages]
+                   "status": self.store.status(s), "epochs": s.epochs,
+                   **dict(zip(("action", "why"), self.store.action(s), strict=True))}
+                  for s in plan.stages]
         cells = [{"arm": a.shown, "sparsity": a.sparsity, "rewind_epoch": a.rewind_epoch,
                   "key": a.key, "status": self.store.status(a), "epochs": a.epochs}
                  for a in plan.arms]
@@ -327,7 +329,7 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
             else:
                 plan = runner.plan()
                 print(plan_table(plan.stages, runner.store.status,
-                                 stage_times(runner.store.root)))
+                                 stage_times(runner.store.root), runner.store.action))
                 if plan.b_epochs_saved:
                     print(f"dense B trains to epoch {plan.b_until} of {runner.epochs} "
                           f"(study.match.epochs): {plan.b_epochs_saved} epochs saved")

@@ -1,8 +1,9 @@
 """One class per stage kind: its identity, the stages it reads, its outputs and its compute.
 
-A stage's key (``keys.stage_key``) hashes its kind, its ``identity()`` and the config leaves
-its kind depends on; the identity names the keys of whatever it reads, so a stage's key
-changes whenever anything upstream does. ``compute(ctx, work, resume)`` writes the outputs
+A stage's key (``keys.stage_key``) hashes its kind, its ``identity()``, the config leaves
+its kind depends on and the numerics versions of the code its compute runs (its
+``components`` row of ``numerics.DEPENDS``); the identity names the keys of whatever it reads,
+so a stage's key changes whenever anything upstream does. ``compute(ctx, work, resume)`` writes the outputs
 into ``work`` (the store seals them) and continues from the Lightning checkpoint ``resume``
 when there is one. ``ctx`` is the runner: data, modules, trainers, the store and W&B.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -79,10 +80,17 @@ class Stage(ABC):
     label: str  # the readable part of the key
     key: str = ""  # set by the plan
     epochs: int = 0  # training epochs
+    # what the key hashes (keys.key_inputs), set with it; settings.json keeps it
+    key_inputs: dict | None = field(default=None, compare=False, repr=False)
 
     @abstractmethod
     def identity(self) -> dict:
         """What tells this stage from others of its kind, besides the config."""
+
+    @property
+    def components(self) -> str:
+        """Its row of ``numerics.DEPENDS``: the components whose code its compute runs."""
+        return self.kind
 
     def reads(self) -> tuple[Stage, ...]:
         return ()
@@ -93,7 +101,7 @@ class Stage(ABC):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name, "key": self.key, "epochs": self.epochs,
-                "identity": self.identity()}
+                "identity": self.identity(), "key_inputs": self.key_inputs}
 
     @abstractmethod
     def compute(self, ctx, work: Path, resume: str | None) -> None:
@@ -368,6 +376,10 @@ class ArmStage(Stage):
 
     def reads(self):
         return tuple(s for s in (self.init.stage, self.round, self.matching) if s)
+
+    @property
+    def components(self) -> str:
+        return "arm permuted" if self.arm.permuted else "arm"  # it permutes the mask by pi
 
     @property
     def shown(self) -> str:

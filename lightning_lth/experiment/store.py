@@ -30,7 +30,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_lth.callbacks import ResumePoints
 from lightning_lth.distributed import DistContext
+from lightning_lth.errors import LTHError
+from lightning_lth.experiment.keys import changes
 from lightning_lth.io import file_sha256, load_json, save_json
+from lightning_lth.numerics import computed_with
 
 MANIFEST = "MANIFEST.json"
 SETTINGS = "settings.json"
@@ -42,6 +45,7 @@ SCRATCH = (CHECKPOINTS, "logs", "wandb")  # kept with the stage, never checksumm
 class StoredStage(Protocol):
     kind: str
     key: str
+    key_inputs: dict | None
 
     def describe(self) -> dict: ...
 
@@ -50,6 +54,15 @@ def _drop_temporaries(work: Path) -> None:
     """Remove what killed atomic writes left (``write_atomic``'s ``.<name>.*.tmp``)."""
     for path in [p for p in work.rglob(".*.tmp") if p.is_file()]:
         path.unlink()
+
+
+def _readable(path: Path) -> dict | None:
+    """A store file's JSON, or None where it is missing or damaged (what `plan` reports)."""
+    try:
+        data = load_json(path)
+    except LTHError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class Store:
@@ -78,6 +91,35 @@ class Store:
         folder = self.root / kind
         return [path for path in sorted(folder.iterdir())
                 if (path / MANIFEST).is_file()] if folder.is_dir() else []
+
+    def older(self, stage: StoredStage) -> Path | None:
+        """The last finished stage of the same kind and label under another key: this stage
+        as an older release, older code or another config computed it."""
+        label = stage.key.rsplit("-", 1)[0]
+        found = [((_readable(folder / MANIFEST) or {}).get("finished_at", 0), folder)
+                 for folder in self.finished(stage.kind)
+                 if folder.name.rsplit("-", 1)[0] == label and folder.name != stage.key]
+        return max(found)[1] if found else None
+
+    def action(self, stage: StoredStage) -> tuple[str, str]:
+        """What a run does with the stage, and why: ``reuse`` it (finished under its key),
+        ``resume`` it (a partial run's checkpoint), ``compute`` it (new) or ``recompute`` it
+        (the store holds it under another key; ``keys.changes`` names what differs)."""
+        if self.status(stage) == "done":
+            made = (_readable(self.path(stage) / SETTINGS) or {}).get("computed_with", {})
+            now = computed_with()
+            return "reuse", ", ".join(f"computed with {name} {made[name]} (now {now[name]})"
+                                      for name in ("lightning_lth", "torch", "lightning")
+                                      if made.get(name, now[name]) != now[name])
+        if (self.partial_path(stage) / CHECKPOINTS / ResumePoints.FILE).is_file():
+            return "resume", ""
+        older = self.older(stage)
+        if older is None:
+            return "compute", ""
+        settings = _readable(older / SETTINGS)
+        if settings is None:
+            return "recompute", f"{older.name}/{SETTINGS} is unreadable"
+        return "recompute", "; ".join(changes(settings, stage.key_inputs))
 
     @staticmethod
     def intact(final: Path) -> bool:
@@ -222,7 +264,7 @@ class Store:
     def _seal(self, stage: StoredStage, work: Path) -> None:
         shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)  # a finished stage never resumes
         _drop_temporaries(work)
-        save_json(stage.describe(), work / SETTINGS)
+        save_json({**stage.describe(), "computed_with": computed_with()}, work / SETTINGS)
         files = {str(p.relative_to(work)): file_sha256(p) for p in sorted(work.rglob("*"))
                  if p.is_file() and p.relative_to(work).parts[0] not in SCRATCH}
         save_json({"files": files, "finished_at": time.time()}, work / MANIFEST)

@@ -1,7 +1,9 @@
 """Model registry: a model is a name, a width multiplier and the data's shape.
 
 Add a model by decorating its class with ``@register_model("name")`` in a module that is
-imported before the CLI runs; nothing in the core changes.
+imported before the CLI runs; nothing in the core changes. ``numerics`` is the model's
+numerics version (``lightning_lth/numerics.py``): bump it when a change to the class changes
+what it computes (its init, its layers), so the stages that build it are keyed anew.
 
 Or bring any model without registering it: ``model.arch`` is then the dotted path of an
 ``nn.Module`` class (or of a function returning one) and ``model.arch_kwargs`` its
@@ -24,14 +26,21 @@ from torch import nn
 from lightning_lth.errors import LTHError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODEL_NUMERICS: dict[str, int] = {}  # name -> numerics version
 
 
-def register_model(name: str):
+def register_model(name: str, numerics: int = 1):
     def decorate(cls):
         MODELS[name] = cls
+        MODEL_NUMERICS[name] = numerics
         return cls
 
     return decorate
+
+
+def model_numerics(arch: str) -> int | None:
+    """A registered model's numerics version; None for a dotted path (the user's code)."""
+    return MODEL_NUMERICS.get(arch)
 
 
 def resolve_arch(arch: str) -> Callable[..., nn.Module]:

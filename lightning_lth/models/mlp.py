@@ -7,7 +7,7 @@ from torch import nn
 from lightning_lth.models import register_model
 
 
-@register_model("mlp")
+@register_model("mlp", numerics=1)
 class MLP(nn.Module):
     """in -> hidden[0] -> ... -> classes; each hidden size is multiplied by the width."""
 

@@ -33,7 +33,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-@register_model("resnet20")
+@register_model("resnet20", numerics=1)
 class ResNet20(nn.Module):
     def __init__(self, width: int = 1, num_classes: int = 10, in_channels: int = 3,
                  image_size: int = 32, blocks_per_stage: int = 3):

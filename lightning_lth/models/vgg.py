@@ -9,7 +9,7 @@ from lightning_lth.models import register_model
 VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-@register_model("vgg11")
+@register_model("vgg11", numerics=1)
 class VGG11(nn.Module):
     def __init__(self, width: int = 1, num_classes: int = 10, in_channels: int = 3,
                  image_size: int = 32):
