@@ -67,15 +67,17 @@ def submitted(store: Path) -> dict[str, tuple[str, submitit.SlurmJob]]:
             for key, entry in entries.items()}
 
 
-def state(job: submitit.SlurmJob) -> str:
-    return job.watcher.get_state(job.job_id, mode="force").split()[0]
+def state(job: submitit.SlurmJob, mode: str = "force") -> str:
+    """The job's state as submitit reads it from sacct ("CANCELLED by 0": "CANCELLED")."""
+    return job.watcher.get_state(job.job_id, mode=mode).split()[0]
 
 
 def wait_until_settled(cluster, jobs) -> dict[str, str]:
     """Every job finished, as submitit reads it from sacct: key -> its final state."""
     deadline = time.monotonic() + WAIT_S
     while True:
-        states = {key: state(job) for key, (_, job) in jobs.items()}
+        submitit.SlurmJob.watcher.update()  # one sacct call for every job
+        states = {key: state(job, "cache") for key, (_, job) in jobs.items()}
         if not ACTIVE & set(states.values()):
             return states
         if time.monotonic() > deadline:
