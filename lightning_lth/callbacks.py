@@ -192,15 +192,16 @@ class KillSwitch(L.Callback):
     Set ``LIGHTNING_LTH_KILL_AT="<stage name>@<epoch>:<batch>"`` (batch ``end``: as the
     epoch ends, between epochs). It fires after that point's resume checkpoint is written
     (callbacks run in list order: put it after ``ResumePoints``), so the kill tests can check
-    that a rerun continues from it. With ``:STOP`` appended the process is stopped there
-    (SIGSTOP) instead, frozen until something kills it: a job a scheduler then preempts or
-    requeues at a known point. Never set outside tests.
+    that a rerun continues from it. With ``:HANG`` appended the process hangs there instead,
+    until something kills it (SIGTERM only sets Lightning's flag, which is checked when the
+    epoch ends): a job that a scheduler then requeues or preempts at a known point. Never set
+    outside tests.
     """
 
     ENV = "LIGHTNING_LTH_KILL_AT"
 
-    def __init__(self, epoch: int, batch: str, signum: int = signal.SIGKILL):
-        self.epoch, self.batch, self.signum = epoch, batch, signum
+    def __init__(self, epoch: int, batch: str, hang: bool = False):
+        self.epoch, self.batch, self.hang = epoch, batch, hang
 
     @classmethod
     def for_stage(cls, name: str) -> KillSwitch | None:
@@ -208,11 +209,13 @@ class KillSwitch(L.Callback):
         stage, _, point = spec.rpartition("@")
         if not spec or stage != name:
             return None
-        epoch, batch, *stop = point.split(":")
-        return cls(int(epoch), batch, signal.SIGSTOP if stop == ["STOP"] else signal.SIGKILL)
+        epoch, batch, *hang = point.split(":")
+        return cls(int(epoch), batch, hang == ["HANG"])
 
     def _kill(self) -> None:
-        os.kill(os.getpid(), self.signum)
+        while self.hang:  # until the scheduler's SIGKILL
+            time.sleep(60)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == self.epoch and self.batch == str(batch_idx):

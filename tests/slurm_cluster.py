@@ -114,7 +114,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Cancel every job, wait until none is left, then stop the daemons by pid, last
-        started first; raise if one is still alive."""
+        started first, and remove the state folder; raise if a daemon is still alive."""
         if "slurmctld" in self.daemons and self.daemons["slurmctld"].poll() is None:
             self.run("scancel", "--full", "--user=root", check=False)
             deadline = time.monotonic() + 60
@@ -136,7 +136,9 @@ class Cluster:
             except ProcessLookupError:
                 pass
         if alive:
-            raise RuntimeError(f"SLURM test cluster: still running after stop: {alive}")
+            raise RuntimeError(f"SLURM test cluster: still running after stop: {alive} "
+                               f"(state in {self.root})")
+        shutil.rmtree(self.root)
 
 
 def write_private(path: Path, text: str, owner: str | None = None) -> None:

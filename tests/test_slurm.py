@@ -112,16 +112,17 @@ def records(store: Path) -> list[dict]:
 
 def test_a_grid_runs_its_afterok_chain_on_slurm_and_a_requeued_stage_resumes_to_the_serial_run(
         cluster, tmp_path):
-    """Dense B's job freezes after its epoch-1 checkpoint (SIGSTOP) and is requeued by
-    `scontrol requeue`: it runs again, resumes from that checkpoint, and every job completes
-    after the jobs it reads. Records and every stored tensor equal a serial `experiment`'s."""
+    """Dense B's job hangs after its epoch-1 checkpoint; a rerun of the grid then keeps the
+    queued jobs; `scontrol requeue` runs B's job again, it resumes from that
+    checkpoint, and every job completes after the jobs it reads. Records and every stored
+    tensor equal a serial `experiment`'s."""
     config = tiny_config(tmp_path, sparsities=[0.2])
     serial_store, grid_store = tmp_path / "serial", tmp_path / "grid"
     serial = run_cli("experiment", "--config", config, f"--study.store={serial_store}",
                      "--study.arms=[lth,permuted]", *CELLS, cwd=tmp_path)
     assert serial.returncode == 0, serial.stderr[-2000:]
 
-    out = grid(cluster, config, grid_store, {KillSwitch.ENV: "dense B@1:end:STOP"}).stdout
+    out = grid(cluster, config, grid_store, {KillSwitch.ENV: "dense B@1:end:HANG"}).stdout
     jobs = submitted(grid_store)
     assert len(jobs) == 7  # 6 stages and the records job
     (name,) = {line.split(" jobs named ")[1].split(",")[0] for line in out.splitlines()
@@ -135,6 +136,12 @@ def test_a_grid_runs_its_afterok_chain_on_slurm_and_a_requeued_stage_resumes_to_
              lambda: point.is_file() and json.loads(point.read_text())["epoch"] == 1)
     job_b = jobs[dense_b][1]
     assert state(job_b) == "RUNNING"
+    again = grid(cluster, config, grid_store).stdout.splitlines()  # while B's job hangs
+    assert not [line for line in again if line.startswith("submitted")]  # nothing twice
+    assert f"dense B ({dense_b}) is still queued as job {job_b.job_id}" in again
+    kept = {key: job.job_id for key, (_, job) in submitted(grid_store).items()}
+    assert {dense_b, RECORDS} <= kept.keys()  # and what was not done by then
+    assert kept == {key: jobs[key][1].job_id for key in kept}
     cluster.run("scontrol", "requeue", job_b.job_id)
     wait_for("dense B's job pending again", lambda: cluster.run(
         "squeue", "-h", "-j", job_b.job_id, "-o", "%T").stdout.strip() == "PENDING", 120)
