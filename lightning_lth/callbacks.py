@@ -192,13 +192,16 @@ class KillSwitch(L.Callback):
     Set ``LIGHTNING_LTH_KILL_AT="<stage name>@<epoch>:<batch>"`` (batch ``end``: as the
     epoch ends, between epochs). It fires after that point's resume checkpoint is written
     (callbacks run in list order: put it after ``ResumePoints``), so the kill tests can check
-    that a rerun continues from it. Never set outside tests.
+    that a rerun continues from it. With ``:HANG`` appended the process hangs there instead,
+    until something kills it (SIGTERM only sets Lightning's flag, which is checked when the
+    epoch ends): a job that a scheduler then requeues or preempts at a known point. Never set
+    outside tests.
     """
 
     ENV = "LIGHTNING_LTH_KILL_AT"
 
-    def __init__(self, epoch: int, batch: str):
-        self.epoch, self.batch = epoch, batch
+    def __init__(self, epoch: int, batch: str, hang: bool = False):
+        self.epoch, self.batch, self.hang = epoch, batch, hang
 
     @classmethod
     def for_stage(cls, name: str) -> KillSwitch | None:
@@ -206,10 +209,12 @@ class KillSwitch(L.Callback):
         stage, _, point = spec.rpartition("@")
         if not spec or stage != name:
             return None
-        epoch, _, batch = point.partition(":")
-        return cls(int(epoch), batch)
+        epoch, batch, *hang = point.split(":")
+        return cls(int(epoch), batch, hang == ["HANG"])
 
     def _kill(self) -> None:
+        while self.hang:  # until the scheduler's SIGKILL
+            time.sleep(60)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import stat
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lightning_lth.experiment.runner import Runner
 from lightning_lth.grid import schedule
 from lightning_lth.grid.command import dry_run
 from lightning_lth.grid.graph import Cell, GridGraph, GridSpec, Node, build_graph, from_sweep
-from lightning_lth.grid.launch import submit_slurm
+from lightning_lth.grid.launch import grid_name, submit_slurm
 
 SWEEPS = REPO / "sweeps"
 NO_WANDB = ("--study.wandb_mode=disabled", "--trainer.logger=false")
@@ -170,6 +171,10 @@ def test_slurm_jobs_are_submitted_with_dependencies_and_resources(tmp_path, monk
             assert all(a < job_id for a in after)  # submitted after what it needs
         else:
             assert "dependency" not in flags
+        # one name for the grid's jobs (scancel --name), the stage in the comment
+        assert flags["job-name"] == grid_name(graph)
+        assert shlex.split(flags["comment"]) == [graph.nodes[key].name if key != "records"
+                                                 else "records"]
         assert flags["partition"] == "gpu" and flags["cpus-per-task"] == "8"
         assert flags.get("gpus-per-node") == (None if key == "records" else "1")
         assert int(flags["time"]) >= 10 and flags["signal"].startswith("USR2@")

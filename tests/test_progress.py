@@ -4,16 +4,24 @@ a terminal (one line per stage start and end), the live view's contents, quiet l
 from __future__ import annotations
 
 import io
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 from conftest import run_cli
 from rich.console import Console
 from test_experiment import IMP_ROUNDS, tiny_config
 
-from lightning_lth.experiment.progress import LiveProgress, PlainProgress, watch
+from lightning_lth.experiment.progress import (
+    LiveProgress,
+    PlainProgress,
+    silence_known_noise,
+    watch,
+)
 
 
 @dataclass(frozen=True)
@@ -139,12 +147,43 @@ def test_live_view_shows_stages_the_running_stage_epochs_steps_and_eta():
     assert "epochs 4/12" in text and "ETA 16.0 s" in text  # 8 epochs left at 2 s
 
 
+def srun_on_path(tmp_path) -> str:
+    """PATH with an `srun` first (a stand-in: Lightning only looks for it), as on any
+    machine where SLURM is installed."""
+    tools = tmp_path / "slurm-bin"
+    tools.mkdir(exist_ok=True)
+    (tools / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tools / "srun").chmod(0o755)
+    return f"{tools}{os.pathsep}{os.environ['PATH']}"
+
+
+def srun_hints(silenced: bool) -> list[str]:
+    """Lightning's hints to launch with srun as a Trainer is made (after the CLI's noise
+    filter when ``silenced``)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # pytest's own filters aside
+        if silenced:
+            silence_known_noise()
+        L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    return [str(w.message) for w in seen if "`srun` command is available" in str(w.message)]
+
+
+def test_lightning_hints_srun_where_it_is_installed_and_the_noise_filter_drops_it(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", srun_on_path(tmp_path))
+    for name in [name for name in os.environ if name.startswith("SLURM_")]:
+        monkeypatch.delenv(name)  # not inside a SLURM job
+    assert len(srun_hints(silenced=False)) == 1  # what each stage of a study printed
+    assert srun_hints(silenced=True) == []
+
+
 def test_study_log_without_a_terminal_has_one_line_per_stage_start_and_end(tmp_path):
     """A tiny study with W&B offline, stdout a pipe: a header, one start and one end line per
     stage, the results line, a footer, the W&B runs once; no per-stage noise anywhere."""
     config = tiny_config(tmp_path)
     result = run_cli("experiment", "--config", config, cwd=tmp_path,
-                     env={"WANDB_MODE": "offline"})
+                     env={"WANDB_MODE": "offline", "PATH": srun_on_path(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     stages = 2 + IMP_ROUNDS + 1 + 12
@@ -163,5 +202,5 @@ def test_study_log_without_a_terminal_has_one_line_per_stage_start_and_end(tmp_p
         f"sync {tmp_path}/store/wandb/wandb/offline-run-*"]
     assert len(lines) == 1 + 2 * stages + 2 + 2
     for noise in ("wandb:", "LeafSpec", "tensorboardX", "litlogger", "Tip:", "weights_only",
-                  "GPU available", "Seed set to", "fixed mask", "Epoch ", "Testing"):
+                  "GPU available", "Seed set to", "fixed mask", "Epoch ", "Testing", "srun"):
         assert noise not in result.stdout + result.stderr, noise

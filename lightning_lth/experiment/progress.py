@@ -38,7 +38,9 @@ from lightning_lth.callbacks import completed_epochs
 from lightning_lth.experiment.keys import OLDER_RELEASE
 
 # Third-party noise with nothing for a user to act on (Python warnings, then log lines).
-NOISY_WARNINGS = (r".*LeafSpec.*", r".*`tensorboardX` has been removed as a dependency.*")
+NOISY_WARNINGS = (r".*LeafSpec.*", r".*`tensorboardX` has been removed as a dependency.*",
+                  # each Trainer where SLURM is installed; our SLURM jobs run under srun
+                  r"The `srun` command is available on your system but is not used")
 NOISY_LOGS = ("💡 Tip:", "`weights_only` was not set")
 STEP_LOGGING_HINT = r"The number of training batches .* is smaller than the logging interval"
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
@@ -51,7 +53,8 @@ class _DropNoise(logging.Filter):
 
 
 def silence_known_noise() -> None:
-    """Every command: drop Lightning's tips and the known deprecation notes."""
+    """Every command: drop Lightning's tips, its hint to launch with ``srun`` and the known
+    deprecation notes."""
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in LIGHTNING_LOGGERS:

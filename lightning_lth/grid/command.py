@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--retries", type=int, default=2, help="tries after a local job fails")
     out.add_argument("--slurm", default="{}",
                      help="submitit SlurmExecutor parameters as YAML, e.g. '{partition: gpu, "
-                          "gpus_per_node: 1, cpus_per_task: 8, mem_gb: 32}'")
+                          "gpus_per_node: 1, cpus_per_task: 8, mem: 32G}'")
     out.add_argument("--jobs_dir", default=None,
                      help="submitit's job folders (default: <store>/grid)")
     return out

@@ -13,12 +13,18 @@ job past it is cancelled and retried, as is a job that dies without a result.
 
 SLURM (``submit_slurm``): every unit left is submitted at once, in schedule order, with
 ``afterok`` dependencies on the jobs of the units it reads; SLURM holds each job until its
-inputs are done. Jobs are checkpointable: on preemption or timeout submitit requeues them and
-the store resumes the stage. A last job writes the records.
+inputs are done, and cancels it if one of them fails (``--kill-on-invalid-dep``). Jobs are
+checkpointable: on preemption or timeout submitit requeues them and the store resumes the
+stage. A last job writes the records. Every job of one grid has the same name
+(``grid_name``), so ``scancel --name`` cancels them all; the stage is the job's comment. The
+jobs folder keeps the last submission's job ids (``SUBMITTED``): a rerun says in one line
+which of them failed or were cancelled (their states from ``sacct``, through submitit), and
+waits on those still pending or running instead of submitting their units twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -293,38 +299,87 @@ def _check(slot: _Slot, timeout_s: float) -> tuple[str, str]:
     return "busy", ""
 
 
+SUBMITTED = "slurm_jobs.json"  # in the jobs folder: the last submission's unit -> job
+ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED",
+                    "CONFIGURING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT"})
+FAILED = frozenset({"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                    "PREEMPTED"})
+RECORDS = "records"  # the records job's place among the unit keys
+
+
+def grid_name(graph: GridGraph) -> str:
+    """The SLURM job name of every job of this grid, the same for each rerun of it."""
+    digest = hashlib.sha256("\n".join(sorted(graph.nodes)).encode()).hexdigest()[:8]
+    return f"lth-grid-{digest}"
+
+
+def last_submission(folder: Path, say: Callable[[str], None] = print) -> dict[str, str]:
+    """The jobs of the last submission from ``folder`` still pending or running (unit key ->
+    job id); says in one line which failed (state, log) and how many were cancelled."""
+    path = folder / SUBMITTED
+    if not path.is_file():
+        return {}
+    last = load_json(path)
+    jobs = {key: submitit.SlurmJob(folder, entry["job"]) for key, entry in last.items()}
+    states = {key: job.state.split()[0] for key, job in jobs.items()}  # "CANCELLED by 0"
+    failed = [f"{last[key]['name']} (job {jobs[key].job_id} {state}, log "
+              f"{jobs[key].paths.stderr})" for key, state in states.items() if state in FAILED]
+    cancelled = [key for key, state in states.items() if state == "CANCELLED"]
+    if failed or cancelled:
+        say(f"grid: last submission: {len(failed)} failed: {'; '.join(failed) or '-'}; "
+            f"{len(cancelled)} cancelled (a failed input, or scancel); submitting what is not "
+            f"done")
+    return {key: jobs[key].job_id for key, state in states.items() if state in ACTIVE}
+
+
 def submit_slurm(graph: GridGraph, spec: GridSpec, order: list[str], seconds: dict[str, float],
                  folder: Path, parameters: dict,
                  say: Callable[[str], None] = print) -> dict[str, str]:
     """Submit every unit left (``order``: each after the units it needs) with ``afterok``
-    dependencies, then the records job after all of them. ``parameters``: submitit's
+    dependencies, then the records job after all of them; a unit whose job from the last
+    submission is still pending or running keeps that job. ``parameters``: submitit's
     SlurmExecutor parameters (partition, gpus_per_node, cpus_per_task, mem, ...); without
     ``time`` each job asks for twice its estimate plus 10 minutes. Returns key -> job id."""
     executor = submitit.SlurmExecutor(folder, max_num_timeout=3)
+    name = grid_name(graph)
+    queued = last_submission(folder, say)
     jobs: dict[str, str] = {}
+    names: dict[str, str] = {}
     for key in order:
         node = graph.nodes[key]
+        names[key] = node.name
+        if key in queued:
+            jobs[key] = queued[key]
+            say(f"{node.name} ({key}) is still queued as job {jobs[key]}")
+            continue
         after = [jobs[need] for need in node.needs if need in jobs]
         minutes = math.ceil(2 * seconds[key] / 60) + 10
         executor.update_parameters(**{"time": minutes, **parameters,
-                                      **_slurm_names(parameters, node.name, after)})
+                                      **_slurm_names(parameters, name, node.name, after)})
         jobs[key] = executor.submit(UnitJob(node.argv, node.stages, node.fused)).job_id
         say(f"submitted {node.name} ({key}) as job {jobs[key]}"
             + (f" after {','.join(after)}" if after else ""))
-    records = {**parameters, "gpus_per_node": None, "time": 30}
-    executor.update_parameters(**{**records,
-                                  **_slurm_names(parameters, "records", list(jobs.values()))})
-    jobs["records"] = executor.submit(RecordsJob(spec)).job_id
-    say(f"submitted the records job as {jobs['records']}")
+    if RECORDS in queued and all(jobs[key] == queued.get(key) for key in jobs):
+        jobs[RECORDS] = queued[RECORDS]  # nothing new: the queued records job waits on it all
+    else:
+        records = {**parameters, "gpus_per_node": None, "time": 30}
+        executor.update_parameters(**{**records, **_slurm_names(parameters, name, RECORDS,
+                                                                list(jobs.values()))})
+        jobs[RECORDS] = executor.submit(RecordsJob(spec)).job_id
+    names[RECORDS] = RECORDS
+    save_json({key: {"job": job, "name": names[key]} for key, job in jobs.items()},
+              folder / SUBMITTED)
+    say(f"grid: {len(jobs)} jobs named {name}, the records job {jobs[RECORDS]} last (see them: "
+        f"squeue --name={name}; cancel them: scancel --name={name})")
     return jobs
 
 
-def _slurm_names(parameters: dict, name: str, after: list[str]) -> dict:
-    """The job's name and dependencies; a job whose input failed is cancelled, not left
-    pending forever."""
+def _slurm_names(parameters: dict, grid: str, stage: str, after: list[str]) -> dict:
+    """The job's name (the grid's), comment (its stage) and dependencies; a job whose input
+    failed is cancelled, not left pending forever."""
     extra = dict(parameters.get("additional_parameters") or {})
     if after:
         extra["kill-on-invalid-dep"] = "yes"
-    return {"job_name": f"lth {name}",
+    return {"job_name": grid, "comment": stage,
             "dependency": "afterok:" + ":".join(after) if after else None,
             "additional_parameters": extra}
