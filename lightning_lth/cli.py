@@ -8,10 +8,12 @@ same config (trainer, model, data, study) and hand it to the pipeline; report re
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 import warnings
 
+import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
@@ -20,6 +22,7 @@ from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.config import Study
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
+from lightning_lth.models import check_forward
 from lightning_lth.module import LTHModule
 
 PIPELINE_COMMANDS = ("prune", "match", "experiment", "plan")
@@ -105,10 +108,15 @@ class LTHCLI(LightningCLI):
         parser.add_class_arguments(Study, "study")
 
     def before_fit(self):
-        """Rewind epochs beyond max_epochs fail here, before any logger or output dir exists."""
+        """Rewind epochs beyond max_epochs, or a model that cannot run on the data, fail
+        here, before any logger or output dir exists."""
         for callback in self.trainer.callbacks:
             if isinstance(callback, RewindSnapshots):
                 check_rewind_epochs(callback.epochs, self.trainer.max_epochs)
+        info, arch = self.datamodule.info, self.model.hparams.arch
+        with torch.random.fork_rng(devices=[]):
+            check_forward(self.model.net, arch, info.num_classes, info.in_channels,
+                          info.image_size)
 
 
 def make_cli(args: list[str], run: bool = True, command: str | None = None) -> LTHCLI:
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     silence_known_noise()
     try:
+        if argv[0] not in COMMANDS:
+            raise LTHError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} "
+                           f"(`{PROG} --help` says what each does)")
         for arg in argv:
             if arg.split("=")[0] == "--study.match.method":
                 raise LTHError(REPLACED["match.method"])
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except argparse.ArgumentError as exc:  # the parser's type and value errors
         replaced = [why for old, why in REPLACED.items() if f"'{old}'" in str(exc)]
-        print(f"error: {replaced[0] if replaced else one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {replaced[0] if replaced else parser_error(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
         error = user_error(exc)
@@ -155,6 +166,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def parser_error(message: str) -> str:
+    """jsonargparse's error as one line; a value out of a range type's bounds (a union with
+    None lists every alternative) as ``<key>=<value> is not allowed: it must be <bounds>``."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    bounds = re.search(r"does not conform to restriction (.+)", message)
+    if key is None or bounds is None:
+        return one_line(message)
+    value = re.search(r"Given value: (.*)", message) or re.search(
+        r"Not of type \w+: (.*) does not conform", message)
+    shown = f"={value.group(1).strip()}" if value else ""
+    allowed = re.sub(r"\bv\b", key.group(1).rsplit(".", 1)[-1], bounds.group(1).strip())
+    optional = " (or null)" if "NoneType" in message else ""
+    return f"{key.group(1)}{shown} is not allowed: it must be {allowed}{optional}"
 
 
 def one_line(message: str, limit: int = 400) -> str:

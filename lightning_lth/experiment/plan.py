@@ -15,6 +15,7 @@ Every input is checked here, before any stage starts: a refused study leaves not
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -49,8 +50,9 @@ from lightning_lth.experiment.stages import (
 )
 from lightning_lth.experiment.tracking import wandb_mode
 from lightning_lth.io import file_sha256
-from lightning_lth.models import build_model
+from lightning_lth.models import build_model, check_forward
 from lightning_lth.sparsity import imp
+from lightning_lth.symmetry.spec import get_spec
 
 SECTIONS = {"prune": PruneSettings, "match": MatchSettings, "sparse": SparseSettings,
             "only": OnlyCells, "resume": ResumeSettings}
@@ -202,11 +204,16 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
                            f"epoch of {role} before T={epochs} needs the study's own dense "
                            f"{role} (study.match.epochs {study.match.epochs})")
     wandb_mode(study.wandb_mode)
-    if study.fuse is not None and (isinstance(study.fuse, bool) or not isinstance(study.fuse, int)
-                                   or study.fuse < 1):
-        raise LTHError(f"study.fuse must be an integer >= 1 (1: arms alone) or null (the "
-                       f"device's default), got {study.fuse!r}")
+    store = Path(study.store)
+    if store.exists() and not store.is_dir():
+        raise LTHError(f"study.store {study.store} is a file; give a folder (new or a store)")
+    if study.seed_b_offset == 0:
+        raise LTHError("study.seed_b_offset=0 makes dense B the same net as dense A; give "
+                       "any other integer (default 1000)")
     imp.check_targets(study.sparsities)
+    if not study.rewind_epochs:
+        raise LTHError("study.rewind_epochs is empty; give at least one rewind epoch k in "
+                       f"0..{epochs - 1} (the arms train from epoch k)")
     check_rewind_epochs(study.rewind_epochs, epochs)
     for k in study.rewind_epochs:
         if k >= epochs:
@@ -234,18 +241,46 @@ def prunable_count(model: dict, prune: PruneSettings) -> int:
     return sum(p.numel() for name, p in net.named_parameters() if name in names)
 
 
+def preflight(model: dict, matching: bool) -> None:
+    """Refuse, before any stage, a model the stages could not use: it must build for the
+    data's shape and turn an example batch into one score per class; where the study
+    matches, its permutation spec must derive (and pass its check) as the match stage derives
+    it. On the CPU, two zero images, torch's random state left as it was."""
+    key = json.dumps({name: model.get(name) for name in MODEL_SHAPE}, sort_keys=True,
+                     default=str)
+    if (key, matching) not in _preflown:
+        with torch.random.fork_rng(devices=[]):
+            _fly(model, matching)
+        _preflown.add((key, matching))
+
+
+MODEL_SHAPE = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs")
+_preflown: set[tuple[str, bool]] = set()  # models that passed, in this process
+
+
+def _fly(model: dict, matching: bool) -> None:
+    net = build_model(*(model[name] for name in MODEL_SHAPE[:5]), model.get("arch_kwargs"))
+    example = check_forward(net, model["arch"], model["num_classes"], model["in_channels"],
+                            model["image_size"])
+    if matching:
+        get_spec(net, example)
+
+
 def _file_ref(path: str) -> WeightsRef:
     return WeightsRef(f"file:{file_sha256(path)}", None, str(path))
 
 
 def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
-               with_arms: bool = True) -> Plan:
+               with_arms: bool = True, matching: bool = True) -> Plan:
     """The stages of the study. ``saved_epochs(dense key)``: the rewind epochs a finished
-    dense stage holds (None: not finished, it will save what the study asks for)."""
+    dense stage holds (None: not finished, it will save what the study asks for).
+    ``matching``: the command runs match stages (all but `prune`), so the model's
+    permutation spec is checked first."""
     config = resolve(config)
     study = study_settings(config)
     epochs = int(config["trainer"].get("max_epochs") or 0)
     _check_study(config, study, epochs)
+    preflight(config["model"], matching)
     model, seed = config["model"], config["seed_everything"]
     label = f"{model['arch']}-w{model['width']}-{config['data']['dataset']}"
 

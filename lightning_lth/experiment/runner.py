@@ -83,8 +83,8 @@ class Runner:
                                  model["width"], self.config["data"]["dataset"])
 
     # -- the plan ---------------------------------------------------------------------------
-    def plan(self, with_arms: bool = True) -> Plan:
-        self._plan = build_plan(self.config, self._saved_epochs, with_arms)
+    def plan(self, with_arms: bool = True, matching: bool = True) -> Plan:
+        self._plan = build_plan(self.config, self._saved_epochs, with_arms, matching)
         self._check_files(self._plan)
         return self._plan
 
@@ -335,7 +335,7 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
         with watch(runner, command, runner.plan().stages):
             runner.experiment()
         return 0
-    plan = runner.plan(with_arms=False)
+    plan = runner.plan(with_arms=False, matching=command == "match")
     if command == "prune":
         with watch(runner, command, in_order(list(plan.targets.values()))):
             folders = {target: runner.run(stage) for target, stage in plan.targets.items()}
