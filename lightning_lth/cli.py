@@ -22,6 +22,7 @@ from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.config import Study
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
+from lightning_lth.io import load_yaml
 from lightning_lth.models import check_forward
 from lightning_lth.module import LTHModule
 
@@ -215,11 +216,18 @@ def report_main(argv: list[str]) -> int:
                         help="default: <store>/report, or ./report")
     parser.add_argument("--wandb_project", type=str | None, default=None,
                         help="read the runs of this W&B project ([entity/]project) instead")
+    parser.add_argument("--skip_bad_lines", action="store_true",
+                        help="report a results file's valid lines and skip (and count) the "
+                             "unparseable or invalid ones; default: refuse such a file")
     args = parser.parse_args(argv)
     results, out_dir = args.results, args.out_dir
     if args.config:
+        config = load_yaml(args.config, "report --config file")  # one line if it is not YAML
+        if not isinstance(config, dict):
+            raise LTHError(f"report --config {args.config}: expected a study config (a "
+                           f"mapping with a study: section), got a {type(config).__name__}")
         store = OmegaConf.load(args.config).get("study", {}).get("store", "store")
         results = results or (None if args.wandb_project else f"{store}/results.jsonl")
         out_dir = out_dir or f"{store}/report"
-    report.main(results, out_dir or "report", args.wandb_project)
+    report.main(results, out_dir or "report", args.wandb_project, args.skip_bad_lines)
     return 0

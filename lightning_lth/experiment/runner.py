@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +19,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from lightning_lth.callbacks import KillSwitch, ResumePoints
+from lightning_lth.callbacks import (
+    KillSwitch,
+    ResumePoints,
+    RewindSnapshots,
+    check_rewind_epochs,
+)
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
@@ -69,6 +75,7 @@ class Runner:
         self.datamodule = cli.datamodule
         self.dist = dist or DistContext()
         trainer_args = dict(vars(cli.config_init.trainer))
+        self.fit_callbacks = list(trainer_args.get("callbacks") or [])
         self.trainer_args = {k: v for k, v in trainer_args.items() if k not in RUNNER_SETS}
         self.plugins = list(trainer_args.get("plugins") or [])
         self.show_steps = trainer_args.get("enable_progress_bar") is not False
@@ -85,8 +92,22 @@ class Runner:
     # -- the plan ---------------------------------------------------------------------------
     def plan(self, with_arms: bool = True, matching: bool = True) -> Plan:
         self._plan = build_plan(self.config, self._saved_epochs, with_arms, matching)
+        self._check_callbacks()
         self._check_files(self._plan)
         return self._plan
+
+    def _check_callbacks(self) -> None:
+        """A study sets each stage's callbacks itself: a config's RewindSnapshots (for `fit`)
+        is accepted only where it asks for the snapshots the study saves anyway."""
+        wanted = sorted(set(self.study.rewind_epochs))
+        for callback in self.fit_callbacks:
+            if isinstance(callback, RewindSnapshots):
+                epochs = check_rewind_epochs(callback.epochs, self.epochs)
+                if epochs != wanted:
+                    raise LTHError(f"trainer.callbacks has RewindSnapshots(epochs={epochs}), "
+                                   f"but a study saves its own snapshots, "
+                                   f"study.rewind_epochs={wanted}: set the two equal or "
+                                   f"drop the callback")
 
     def _saved_epochs(self, key: str) -> list[int] | None:
         metrics = self.store.root / DenseStage.kind / key / "metrics.json"
@@ -289,13 +310,19 @@ class Runner:
                       f" results file {Path(self.study.store) / RESULTS_FILE}")
         return records
 
+    def statuses(self, plan: Plan) -> Callable[[Stage], str]:
+        """Each stage's status in the store, a finished one's checksums verified (once)."""
+        known = {stage.key: self.store.checked_status(stage) for stage in plan.stages}
+        return lambda stage: known[stage.key]
+
     def describe(self) -> dict:
         """The plan without running anything: stages, keys, status, epochs."""
         plan = self.plan()
+        status = self.statuses(plan)
         stages = [{"stage": s.kind, "name": s.name, "key": s.key,
-                   "status": self.store.status(s), "epochs": s.epochs} for s in plan.stages]
+                   "status": status(s), "epochs": s.epochs} for s in plan.stages]
         cells = [{"arm": a.shown, "sparsity": a.sparsity, "rewind_epoch": a.rewind_epoch,
-                  "key": a.key, "status": self.store.status(a), "epochs": a.epochs}
+                  "key": a.key, "status": status(a), "epochs": a.epochs}
                  for a in plan.arms]
         return {"stages": stages, "cells": cells, "epochs": plan.epochs,
                 "b_until": plan.b_until, "b_epochs_saved": plan.b_epochs_saved}
@@ -325,8 +352,12 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
                 print(json.dumps(runner.describe(), indent=2))
             else:
                 plan = runner.plan()
-                print(plan_table(plan.stages, runner.store.status,
-                                 stage_times(runner.store.root)))
+                status = runner.statuses(plan)
+                print(plan_table(plan.stages, status, stage_times(runner.store.root)))
+                corrupt = [stage.name for stage in plan.stages if status(stage) == "corrupt"]
+                if corrupt:
+                    print(f"corrupt: {', '.join(corrupt)} failed their checksums; `experiment` "
+                          f"moves them aside and computes them again")
                 if plan.b_epochs_saved:
                     print(f"dense B trains to epoch {plan.b_until} of {runner.epochs} "
                           f"(study.match.epochs): {plan.b_epochs_saved} epochs saved")
