@@ -16,11 +16,12 @@ import warnings
 import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_lth.callbacks import RewindSnapshots, check_rewind_epochs
 from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
-from lightning_lth.experiment.config import Study
+from lightning_lth.experiment.config import SEED_MAX, Study
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 from lightning_lth.io import load_yaml
 from lightning_lth.models import check_forward
@@ -108,9 +109,17 @@ class LTHCLI(LightningCLI):
                                   apply_on="instantiate")
         parser.add_class_arguments(Study, "study")
 
+    def _set_seed(self):
+        """A seed numpy refuses is one line here, not its traceback from seed_everything."""
+        seed = self._get(self.config, "seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
+            raise LTHError(f"seed_everything={seed} is not allowed: it must be in "
+                           f"0..{SEED_MAX} (or true: a random one)")
+        super()._set_seed()
+
     def before_fit(self):
-        """Rewind epochs beyond max_epochs, or a model that cannot run on the data, fail
-        here, before any logger or output dir exists."""
+        """Rewind epochs beyond max_epochs, a model that cannot run on the data, or data
+        that cannot be loaded, fail here, before any logger or output dir exists."""
         for callback in self.trainer.callbacks:
             if isinstance(callback, RewindSnapshots):
                 check_rewind_epochs(callback.epochs, self.trainer.max_epochs)
@@ -118,6 +127,7 @@ class LTHCLI(LightningCLI):
         with torch.random.fork_rng(devices=[]):
             check_forward(self.model.net, arch, info.num_classes, info.in_channels,
                           info.image_size)
+        self.datamodule.setup("fit")  # kept: the trainer's own setup call reuses it
 
 
 def make_cli(args: list[str], run: bool = True, command: str | None = None) -> LTHCLI:
@@ -161,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         replaced = [why for old, why in REPLACED.items() if f"'{old}'" in str(exc)]
         print(f"error: {replaced[0] if replaced else parser_error(str(exc))}", file=sys.stderr)
         return 2
+    except MisconfigurationException as exc:  # Lightning's own refusal of trainer settings
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
     except Exception as exc:
         error = user_error(exc)
         if error is None:
@@ -170,18 +183,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parser_error(message: str) -> str:
-    """jsonargparse's error as one line; a value out of a range type's bounds (a union with
-    None lists every alternative) as ``<key>=<value> is not allowed: it must be <bounds>``."""
-    key = re.search(r'Parser key "([^"]+)"', message)
-    bounds = re.search(r"does not conform to restriction (.+)", message)
-    if key is None or bounds is None:
-        return one_line(message)
-    value = re.search(r"Given value: (.*)", message) or re.search(
-        r"Not of type \w+: (.*) does not conform", message)
-    shown = f"={value.group(1).strip()}" if value else ""
-    allowed = re.sub(r"\bv\b", key.group(1).rsplit(".", 1)[-1], bounds.group(1).strip())
-    optional = " (or null)" if "NoneType" in message else ""
-    return f"{key.group(1)}{shown} is not allowed: it must be {allowed}{optional}"
+    """jsonargparse's error as one line; a value out of a range type's bounds, or of none of
+    a union's types (whose message lists every alternative), as ``<key>=<value> is not
+    allowed: ...``."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", message).replace("NoneType", "null")
+    key = re.search(r'Parser key "([^"]+)"', text)
+    value = (re.search(r"Given value: (.*)", text)
+             or re.search(r"Not of type \w+: (.*) does not conform", text))
+    bounds = re.search(r"does not conform to restriction (.+)", text)
+    union = re.search(r"Subtypes: \[([\w, ]*)\]", text)
+    if key is None or value is None or (bounds is None and union is None):
+        return one_line(text)
+    name = key.group(1)
+    shown = f"{name}={value.group(1).strip()} is not allowed: "
+    if bounds is None:
+        return shown + "expected " + " or ".join(union.group(1).split(", "))
+    allowed = re.sub(r"\bv\b", name.rsplit(".", 1)[-1], bounds.group(1).strip())
+    return shown + f"it must be {allowed}" + (" (or null)" if union else "")
 
 
 def one_line(message: str, limit: int = 400) -> str:

@@ -5,6 +5,7 @@ folder; no file touched)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class ThreeScores(nn.Module):
 def study(tmp_path, monkeypatch) -> Path:
     """A tiny study config (MLP 784-8-10, T = 2) in the current folder, with its data."""
     data_dir = write_idx_dataset(tmp_path / "data", "fashion_mnist", n_train=64, n_test=32)
+    # unpacked, as torchvision's first load leaves them: loading writes nothing
+    for packed in (data_dir / "FashionMNIST" / "raw").glob("*.gz"):
+        packed.with_suffix("").write_bytes(gzip.decompress(packed.read_bytes()))
     config = {
         "seed_everything": 0,
         "trainer": {"max_epochs": 2, "accelerator": "cpu", "enable_model_summary": False},
@@ -169,6 +173,16 @@ def test_a_prunable_set_that_is_empty_is_refused(study, capsys):
     ("data.num_workers=-1",
      "data.num_workers must be >= 0 (0: load in the main process), got -1"),
     ("data.val_split=-1", "data.val_split must be >= 0 (a count or a fraction), got -1.0"),
+    ("data.val_split=64", "data.val_split=64.0 leaves no training or no validation images out "
+                          "of 64"),  # known only once the data is loaded: before any stage
+    ("seed_everything=-1",
+     "seed_everything=-1 is not allowed: it must be in 0..4294967295 (or true: a random one)"),
+    ("study.seed_b_offset=-1", "dense B's seed -1 (seed_everything=0, study.seed_b_offset=-1) "
+                               "is not allowed: seeds must be in 0..4294967295"),
+    ("study.rewind_epochs=[0, 0]", "study.rewind_epochs lists an epoch twice: [0, 0]"),
+    ("model.arch_kwargs=[8]", "model.arch_kwargs=[8] is not allowed: expected dict or null"),
+    ("trainer.devices=0",
+     "`Trainer(devices='0')` value is not a valid input using cpu accelerator."),
 ])
 def test_a_numeric_setting_out_of_its_range_is_refused(study, capsys, setting, line):
     assert refused(capsys, study, "experiment", "--config", "study.yaml",
@@ -198,6 +212,19 @@ def test_folders_that_are_files_are_refused(study, capsys):
     assert refused(capsys, study, "plan", "--config", "study.yaml",
                    f"--data.data_dir={study / 'taken'}") == (
         f"error: data.data_dir {study / 'taken'} is a file, not a folder")
+
+
+@pytest.mark.parametrize("command", ("experiment", "prune", "fit"))
+def test_missing_data_is_refused_before_any_stage_or_log_folder(study, capsys, command):
+    (study / "empty").mkdir()
+    line = refused(capsys, study, command, "--config", "study.yaml", "--data.dataset=mnist",
+                   "--data.data_dir=empty")
+    assert line.startswith(f"error: dataset 'mnist' not found under {study / 'empty'}: put ")
+
+
+def test_an_empty_store_name_is_refused(study, capsys):
+    assert refused(capsys, study, "experiment", "--config", "study.yaml", "--study.store=") == (
+        "error: study.store is empty; give the stage store's folder (default: store)")
 
 
 def test_a_rewind_snapshots_callback_the_study_would_ignore_is_refused(study, capsys):

@@ -20,6 +20,8 @@ from jsonargparse.typing import (
 Momentum = restricted_number_type("Momentum", float, [(">=", 0), ("<", 1)], join="and")
 InterpolationPoints = restricted_number_type("InterpolationPoints", int, [(">=", 3)])
 
+SEED_MAX = 2**32 - 1  # numpy's, which seed_everything seeds too
+
 MATCH_METHODS = ("activation", "weight")
 CHAINS = ("shared", "per_target")
 

@@ -29,6 +29,7 @@ from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
 from lightning_lth.experiment.config import (
     MATCH_METHODS,
+    SEED_MAX,
     MatchSettings,
     OnlyCells,
     PruneSettings,
@@ -204,6 +205,13 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
                            f"epoch of {role} before T={epochs} needs the study's own dense "
                            f"{role} (study.match.epochs {study.match.epochs})")
     wandb_mode(study.wandb_mode)
+    for role, net_seed in (("A", seed), ("B", seed + study.seed_b_offset)):
+        if not 0 <= net_seed <= SEED_MAX:
+            raise LTHError(f"dense {role}'s seed {net_seed} (seed_everything={seed}, "
+                           f"study.seed_b_offset={study.seed_b_offset}) is not allowed: seeds "
+                           f"must be in 0..{SEED_MAX}")
+    if not str(study.store).strip():
+        raise LTHError("study.store is empty; give the stage store's folder (default: store)")
     store = Path(study.store)
     if store.exists() and not store.is_dir():
         raise LTHError(f"study.store {study.store} is a file; give a folder (new or a store)")
@@ -214,7 +222,8 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
     if not study.rewind_epochs:
         raise LTHError("study.rewind_epochs is empty; give at least one rewind epoch k in "
                        f"0..{epochs - 1} (the arms train from epoch k)")
-    check_rewind_epochs(study.rewind_epochs, epochs)
+    if len(check_rewind_epochs(study.rewind_epochs, epochs)) != len(study.rewind_epochs):
+        raise LTHError(f"study.rewind_epochs lists an epoch twice: {study.rewind_epochs}")
     for k in study.rewind_epochs:
         if k >= epochs:
             raise LTHError(f"rewind epoch {k} leaves no sparse training: k must be < "

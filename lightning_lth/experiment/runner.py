@@ -124,6 +124,13 @@ class Runner:
             Mask.load(matching.mask.path).check_fits(self.module().net, model["arch"],
                                                      model["width"])
 
+    def load_data(self, stages: list[Stage]) -> None:
+        """Load the splits (the datamodule keeps them) before the first stage that is not
+        done starts, so missing data or a data.val_split too big for it is refused before
+        the store holds anything of it; a store with every stage done reads no data."""
+        if any(self.store.status(stage) != "done" for stage in stages):
+            self.datamodule.setup("fit")
+
     # -- what stages use --------------------------------------------------------------------
     def module(self, **overrides) -> LTHModule:
         return LTHModule(**{**self.config["model"], **overrides})
@@ -363,10 +370,14 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
                           f"(study.match.epochs): {plan.b_epochs_saved} epochs saved")
         return 0
     if command == "experiment":
-        with watch(runner, command, runner.plan().stages):
+        stages = runner.plan().stages
+        runner.load_data(stages)
+        with watch(runner, command, stages):
             runner.experiment()
         return 0
     plan = runner.plan(with_arms=False, matching=command == "match")
+    runner.load_data(in_order(list(plan.targets.values()) if command == "prune"
+                              else plan.matches))
     if command == "prune":
         with watch(runner, command, in_order(list(plan.targets.values()))):
             folders = {target: runner.run(stage) for target, stage in plan.targets.items()}
