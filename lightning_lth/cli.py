@@ -193,7 +193,7 @@ def parser_error(message: str) -> str:
     bounds = re.search(r"does not conform to restriction (.+)", text)
     union = re.search(r"Subtypes: \[([\w, ]*)\]", text)
     if key is None or value is None or (bounds is None and union is None):
-        return one_line(text)
+        return one_line(message)
     name = key.group(1)
     shown = f"{name}={value.group(1).strip()} is not allowed: "
     if bounds is None:
