@@ -13,7 +13,6 @@ import sys
 import textwrap
 import warnings
 
-import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,7 +23,6 @@ from lightning_lth.errors import LTHError
 from lightning_lth.experiment.config import SEED_MAX, Study
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 from lightning_lth.io import load_yaml
-from lightning_lth.models import check_forward
 from lightning_lth.module import LTHModule
 
 PIPELINE_COMMANDS = ("prune", "match", "experiment", "plan")
@@ -123,10 +121,9 @@ class LTHCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, RewindSnapshots):
                 check_rewind_epochs(callback.epochs, self.trainer.max_epochs)
-        info, arch = self.datamodule.info, self.model.hparams.arch
-        with torch.random.fork_rng(devices=[]):
-            check_forward(self.model.net, arch, info.num_classes, info.in_channels,
-                          info.image_size)
+        from lightning_lth.experiment.plan import preflight
+
+        preflight(dict(self.model.hparams), matching=False)  # a fresh net: no compile, no mode
         self.datamodule.setup("fit")  # kept: the trainer's own setup call reuses it
 
 

@@ -250,29 +250,27 @@ def prunable_count(model: dict, prune: PruneSettings) -> int:
     return sum(p.numel() for name, p in net.named_parameters() if name in names)
 
 
+MODEL_SHAPE = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs")
+_passed_models: set[tuple[str, bool]] = set()  # (model, matching) that passed, this process
+
+
 def preflight(model: dict, matching: bool) -> None:
     """Refuse, before any stage, a model the stages could not use: it must build for the
     data's shape and turn an example batch into one score per class; where the study
     matches, its permutation spec must derive (and pass its check) as the match stage derives
-    it. On the CPU, two zero images, torch's random state left as it was."""
-    key = json.dumps({name: model.get(name) for name in MODEL_SHAPE}, sort_keys=True,
-                     default=str)
-    if (key, matching) not in _preflown:
-        with torch.random.fork_rng(devices=[]):
-            _fly(model, matching)
-        _preflown.add((key, matching))
-
-
-MODEL_SHAPE = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs")
-_preflown: set[tuple[str, bool]] = set()  # models that passed, in this process
-
-
-def _fly(model: dict, matching: bool) -> None:
-    net = build_model(*(model[name] for name in MODEL_SHAPE[:5]), model.get("arch_kwargs"))
-    example = check_forward(net, model["arch"], model["num_classes"], model["in_channels"],
-                            model["image_size"])
-    if matching:
-        get_spec(net, example)
+    it. On the CPU, two zero images, torch's random state left as it was; once per model in
+    a process (a grid plans many cells of one model)."""
+    key = (json.dumps({name: model.get(name) for name in MODEL_SHAPE}, sort_keys=True,
+                      default=str), matching)
+    if key in _passed_models:
+        return
+    with torch.random.fork_rng(devices=[]):
+        net = build_model(*(model[name] for name in MODEL_SHAPE[:5]), model.get("arch_kwargs"))
+        example = check_forward(net, model["arch"], model["num_classes"],
+                                model["in_channels"], model["image_size"])
+        if matching:
+            get_spec(net, example)
+    _passed_models.add(key)
 
 
 def _file_ref(path: str) -> WeightsRef:
