@@ -62,7 +62,7 @@ EXPECTED: dict[str, Expect] = {
     "trainer.profiler": NOTHING,
     "trainer.model_registry": NOTHING,
     "model": exact(ALL),
-    "model.arch": Expect(frozenset(ALL), value="vgg11", also=(("model.arch_kwargs", None),)),
+    "model.arch": Expect(frozenset(ALL), value="resnet20", also=(("model.arch_kwargs", None),)),
     "model.width": exact(ALL, value=2),
     "model.arch_kwargs.hidden": exact(ALL, value=[32, 48]),
     "model.init_weights": Expect(frozenset(), refused=True),

@@ -65,9 +65,24 @@ def study_settings(config: dict) -> Study:
                                   if name in section}})
 
 
+def plain(value):
+    """``value`` with the parser's range types (``PositiveInt`` ... subclasses of int and
+    float) as plain numbers: they reach checkpoints, whose weights-only load refuses them."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item) for item in value)
+    if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+        return int(value)
+    if isinstance(value, float) and type(value) is not float:
+        return float(value)
+    return value
+
+
 def resolve(config: dict) -> dict:
-    """The config as the study uses it: the model's shapes from the dataset (the CLI links
-    them only when it instantiates the classes)."""
+    """The config as the study uses it: plain values, and the model's shapes from the
+    dataset (the CLI links them only when it instantiates the classes)."""
+    config = plain(config)
     info = dataset_info(config["data"]["dataset"])
     model = dict(config["model"], num_classes=info.num_classes, in_channels=info.in_channels,
                  image_size=info.image_size)
