@@ -8,18 +8,21 @@ same config (trainer, model, data, study) and hand it to the pipeline; report re
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 import warnings
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_lth.callbacks import RewindSnapshots, check_rewind_epochs
 from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
-from lightning_lth.experiment.config import Study
+from lightning_lth.experiment.config import SEED_MAX, Study
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
+from lightning_lth.io import load_yaml
 from lightning_lth.module import LTHModule
 
 PIPELINE_COMMANDS = ("prune", "match", "experiment", "plan")
@@ -104,11 +107,24 @@ class LTHCLI(LightningCLI):
                                   apply_on="instantiate")
         parser.add_class_arguments(Study, "study")
 
+    def _set_seed(self):
+        """A seed numpy refuses is one line here, not its traceback from seed_everything."""
+        seed = self._get(self.config, "seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
+            raise LTHError(f"seed_everything={seed} is not allowed: it must be in "
+                           f"0..{SEED_MAX} (or true: a random one)")
+        super()._set_seed()
+
     def before_fit(self):
-        """Rewind epochs beyond max_epochs fail here, before any logger or output dir exists."""
+        """Rewind epochs beyond max_epochs, a model that cannot run on the data, or data
+        that cannot be loaded, fail here, before any logger or output dir exists."""
         for callback in self.trainer.callbacks:
             if isinstance(callback, RewindSnapshots):
                 check_rewind_epochs(callback.epochs, self.trainer.max_epochs)
+        from lightning_lth.experiment.plan import preflight
+
+        preflight(dict(self.model.hparams), matching=False)  # a fresh net: no compile, no mode
+        self.datamodule.setup("fit")  # kept: the trainer's own setup call reuses it
 
 
 def make_cli(args: list[str], run: bool = True, command: str | None = None) -> LTHCLI:
@@ -126,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     silence_known_noise()
     try:
+        if argv[0] not in COMMANDS:
+            raise LTHError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} "
+                           f"(`{PROG} --help` says what each does)")
         for arg in argv:
             if arg.split("=")[0] == "--study.match.method":
                 raise LTHError(REPLACED["match.method"])
@@ -147,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except argparse.ArgumentError as exc:  # the parser's type and value errors
         replaced = [why for old, why in REPLACED.items() if f"'{old}'" in str(exc)]
-        print(f"error: {replaced[0] if replaced else one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {replaced[0] if replaced else parser_error(str(exc))}", file=sys.stderr)
+        return 2
+    except MisconfigurationException as exc:  # Lightning's own refusal of trainer settings
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
         error = user_error(exc)
@@ -155,6 +177,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def parser_error(message: str) -> str:
+    """jsonargparse's error as one line; a value out of a range type's bounds, or of none of
+    a union's types (whose message lists every alternative), as ``<key>=<value> is not
+    allowed: ...``."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", message).replace("NoneType", "null")
+    key = re.search(r'Parser key "([^"]+)"', text)
+    value = (re.search(r"Given value: (.*)", text)
+             or re.search(r"Not of type \w+: (.*) does not conform", text))
+    bounds = re.search(r"does not conform to restriction (.+)", text)
+    union = re.search(r"Subtypes: \[([\w, ]*)\]", text)
+    if key is None or value is None or (bounds is None and union is None):
+        return one_line(message)
+    name = key.group(1)
+    shown = f"{name}={value.group(1).strip()} is not allowed: "
+    if bounds is None:
+        return shown + "expected " + " or ".join(union.group(1).split(", "))
+    allowed = re.sub(r"\bv\b", name.rsplit(".", 1)[-1], bounds.group(1).strip())
+    return shown + f"it must be {allowed}" + (" (or null)" if union else "")
 
 
 def one_line(message: str, limit: int = 400) -> str:
@@ -189,11 +231,18 @@ def report_main(argv: list[str]) -> int:
                         help="default: <store>/report, or ./report")
     parser.add_argument("--wandb_project", type=str | None, default=None,
                         help="read the runs of this W&B project ([entity/]project) instead")
+    parser.add_argument("--skip_bad_lines", action="store_true",
+                        help="report a results file's valid lines and skip (and count) the "
+                             "unparseable or invalid ones; default: refuse such a file")
     args = parser.parse_args(argv)
     results, out_dir = args.results, args.out_dir
     if args.config:
+        config = load_yaml(args.config, "report --config file")  # one line if it is not YAML
+        if not isinstance(config, dict):
+            raise LTHError(f"report --config {args.config}: expected a study config (a "
+                           f"mapping with a study: section), got a {type(config).__name__}")
         store = OmegaConf.load(args.config).get("study", {}).get("store", "store")
         results = results or (None if args.wandb_project else f"{store}/results.jsonl")
         out_dir = out_dir or f"{store}/report"
-    report.main(results, out_dir or "report", args.wandb_project)
+    report.main(results, out_dir or "report", args.wandb_project, args.skip_bad_lines)
     return 0

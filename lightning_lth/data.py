@@ -433,7 +433,10 @@ class LTHDataModule(L.LightningDataModule):
         if ddp_batch not in DDP_BATCHES:
             raise LTHError(f"unknown data.ddp_batch {ddp_batch!r}; valid: "
                            f"{', '.join(DDP_BATCHES)}")
-        if val_split < 0:
+        if num_workers < 0:
+            raise LTHError(f"data.num_workers must be >= 0 (0: load in the main process), got "
+                           f"{num_workers}")
+        if not val_split >= 0:
             raise LTHError(f"data.val_split must be >= 0 (a count or a fraction), got {val_split}")
         if loader == "device" and self.info.torchvision_class is datasets.ImageFolder:
             raise LTHError(f"data.loader=device is not allowed for {dataset!r}: it holds a "

@@ -65,6 +65,23 @@ def load_json(path: str | Path, what: str = "file") -> Any:
         raise LTHError(f"{what} {path} is not valid JSON") from None
 
 
+def load_yaml(path: str | Path, what: str = "file") -> Any:
+    """A YAML file the user names (a sweep, a cost table, a config): missing, a folder or
+    not YAML is one LTHError naming it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LTHError(f"{what} not found: {path}" if not path.exists()
+                       else f"{what} {path} is a folder, not a file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise LTHError(f"{what} {path} is not valid YAML{line}") from None
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

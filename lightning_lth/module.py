@@ -96,8 +96,12 @@ class LTHModule(L.LightningModule):
         self.save_hyperparameters()
         if schedule not in SCHEDULES:
             raise LTHError(f"unknown model.schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if lr <= 0:
+        if not lr > 0:  # NaN too
             raise LTHError(f"model.lr must be > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise LTHError(f"model.momentum must be in [0, 1), got {momentum}")
+        if not weight_decay >= 0:
+            raise LTHError(f"model.weight_decay must be >= 0, got {weight_decay}")
         if schedule_epochs is not None and (isinstance(schedule_epochs, bool)
                                             or not isinstance(schedule_epochs, int)
                                             or schedule_epochs < 1):

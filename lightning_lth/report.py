@@ -91,24 +91,31 @@ def _run_id(rec: dict) -> tuple:
     return tuple(round(rec[k], 6) if k == "sparsity" else rec[k] for k in _RUN_ID)
 
 
-def _collect(items) -> tuple[list[dict], list[str]]:
-    """Validate (where, record) pairs; on duplicate runs keep the later one and say so."""
+def _collect(items) -> tuple[list[dict], list[str], list[str]]:
+    """Validate (where, record) pairs: (the records, 'where: why' for each invalid one, and
+    notes); on duplicate runs keep the later one and note it."""
     kept: dict[tuple, tuple[str, dict]] = {}
-    problems: list[str] = []
+    bad: list[str] = []
+    notes: list[str] = []
     for where, rec in items:
         why = validate_record(rec)
         if why:
-            problems.append(f"{where}: {why}")
+            bad.append(f"{where}: {why}")
             continue
         rid = _run_id(rec)
         if rid in kept:
-            problems.append(f"{kept[rid][0]}: superseded by a rerun of the same arm at {where}")
+            notes.append(f"{kept[rid][0]}: superseded by a rerun of the same arm at {where}")
         kept[rid] = (where, rec)
-    return [rec for _, rec in kept.values()], problems
+    return [rec for _, rec in kept.values()], bad, notes
 
 
-def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
-    """Read results.jsonl; bad lines become 'line N: why' problems instead of aborting the report."""
+def _line_number(problem: str) -> int:
+    return int(problem.split()[1].rstrip(":"))
+
+
+def load_records(path: str | Path) -> tuple[list[dict], list[str], list[str]]:
+    """Read results.jsonl: (the records, 'line N: why' for each unparseable or invalid line,
+    'line N: ...' notes such as a rerun superseding an earlier line), in line order."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -124,9 +131,8 @@ def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
                 parsed.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 problems.append(f"line {n}: invalid JSON ({exc.msg})")
-    records, more = _collect(parsed)
-    problems = sorted(problems + more, key=lambda p: int(p.split()[1].rstrip(":")))
-    return records, problems
+    records, bad, notes = _collect(parsed)
+    return records, sorted(problems + bad, key=_line_number), notes
 
 
 def load_wandb_records(project: str, entity: str | None = None) -> tuple[list[dict], list[str]]:
@@ -146,7 +152,8 @@ def load_wandb_records(project: str, entity: str | None = None) -> tuple[list[di
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise LTHError(f"cannot read W&B project {path!r} ({type(exc).__name__}: {first}); "
                        f"check `wandb login`, network access and the entity/project name") from None
-    return _collect(items)
+    records, bad, notes = _collect(items)
+    return records, bad + notes
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -783,8 +790,11 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
 
 
 def main(results: str | None = None, out_dir: str = "report",
-         wandb_project: str | None = None) -> list[Path]:
-    """CLI entry: read results.jsonl, or a W&B project given as 'project' or 'entity/project'."""
+         wandb_project: str | None = None, skip_bad_lines: bool = False) -> list[Path]:
+    """CLI entry: read results.jsonl, or a W&B project given as 'project' or 'entity/project'.
+
+    A results file with unparseable or invalid lines is refused (the first one named) unless
+    ``skip_bad_lines``: then the report is made from the rest and says what it left out."""
     if (results is None) == (wandb_project is None):
         raise LTHError("give exactly one of --results (a results.jsonl) or --wandb_project")
     if wandb_project is not None:
@@ -792,9 +802,18 @@ def main(results: str | None = None, out_dir: str = "report",
         records, problems = load_wandb_records(project, entity or None)
         source = f"W&B project {wandb_project}"
     else:
-        records, problems = load_records(results)
+        records, bad, notes = load_records(results)
         source = results
-    for p in problems:
+        lines = ", ".join(str(_line_number(p)) for p in bad)
+        if bad and not skip_bad_lines:
+            raise LTHError(f"results file {results} {bad[0]}; {len(bad)} bad line(s) in all "
+                           f"(line {lines}): fix them, or give --skip_bad_lines to report "
+                           f"the rest")
+        if bad:
+            print(f"warning: {results}: skipped {len(bad)} bad line(s) (line {lines}; "
+                  f"listed in the report's notes)", file=sys.stderr)
+        problems = bad + notes
+    for p in problems if wandb_project is not None else notes:
         print(f"warning: {source}: {p}", file=sys.stderr)
     if not records:
         raise LTHError(f"no valid records in {source} ({len(problems)} problem line(s))")

@@ -131,7 +131,7 @@ def test_one_cell_override_runs_only_that_arm(tmp_path):
     ("--study.only.match_method=weight", "matching method 'weight' is not among"),
     ("--model.schedule_epochs=3", "model.schedule_epochs is for `fit`"),
     ("--model.width=1.5", 'Parser key "model.width"'),
-    ("--trainer.max_epochs=two", 'Parser key "trainer.max_epochs"'),
+    ("--trainer.max_epochs=two", "trainer.max_epochs=two is not allowed: expected int or null"),
     ("--study.wandb_mode=loud", "unknown study.wandb_mode 'loud'"),
 ])
 def test_bad_cells_fail_before_any_work(tmp_path, capsys, override, message):

@@ -103,7 +103,7 @@ EXPECTED: dict[str, Expect] = {
     "trainer.min_steps": refused(5),
     "trainer.reload_dataloaders_every_n_epochs": refused(1),
     "trainer.barebones": refused(True),
-    "model.arch": Expect(frozenset(ALL), value="vgg11", also=(("model.arch_kwargs", None),)),
+    "model.arch": Expect(frozenset(ALL), value="resnet20", also=(("model.arch_kwargs", None),)),
     "model.width": exact(ALL, value=2),
     "model.arch_kwargs.hidden": exact(ALL, value=[32, 48]),
     "model.lr": exact(ALL, value=0.1),

@@ -51,7 +51,7 @@ def test_user_class_gets_only_the_arguments_it_declares():
     ("torch.Tensor", {}, 1, "is not an nn.Module class"),
     ("os.getcwd", {}, 1, "returned str, not an nn.Module"),
     ("resnet99", {}, 1, "unknown model 'resnet99'"),
-    ("torch.nn.Linear", {}, 1, "cannot be built with []"),
+    ("torch.nn.Linear", {}, 1, "cannot be built with model.arch_kwargs []"),
     (f"{__name__}.SmallCNN", {}, 2, "model.width=2 but"),
     (RESNET18["arch"], {"num_classes": 100}, 1, "num_classes=100 but the dataset has 10"),
 ])

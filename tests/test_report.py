@@ -188,8 +188,8 @@ def test_repair_barriers_get_their_columns_and_curves_and_older_records_still_lo
     old = record(tmp_path, width=2, seed=0)
     recs = [record(tmp_path, seed=seed, **repaired) for seed in (0, 1)] + [old]
     lines = write_jsonl(tmp_path / "results.jsonl", recs)
-    loaded, problems = report.load_records(lines)
-    assert not problems and len(loaded) == 3
+    loaded, bad, notes = report.load_records(lines)
+    assert not bad and not notes and len(loaded) == 3
     table = report.barrier_table(report._groups(loaded))
     assert "REPAIR loss barrier after" in table.splitlines()[0]
     w1 = next(line for line in table.splitlines() if "| ×1 |" in line)
@@ -217,9 +217,11 @@ def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
              "[1, 2]",                                     # 7 not an object
              ""] + good[1:] + [good[0]]                    # blank line skipped; rerun of line 1
     path = write_jsonl(tmp_path / "results.jsonl", lines)
-    records, problems = report.load_records(path)
+    records, bad, notes = report.load_records(path)
     assert len(records) == len(good)
-    by_line = {p.split(":")[0]: p for p in problems}
+    by_line = {p.split(":")[0]: p for p in bad + notes}
+    assert [p.split(":")[0] for p in bad] == ["line 2", "line 3", "line 4", "line 5", "line 6",
+                                               "line 7"]
     assert set(by_line) == {"line 1", "line 2", "line 3", "line 4", "line 5", "line 6", "line 7"}
     assert "invalid JSON" in by_line["line 2"]
     assert "test_acc" in by_line["line 3"] and "missing" in by_line["line 3"]
@@ -228,18 +230,22 @@ def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
     assert "fraction" in by_line["line 6"]
     assert "superseded" in by_line["line 1"]
 
-    paths = report.main(str(path), str(tmp_path / "out"))
+    with pytest.raises(LTHError, match=r"line 2: invalid JSON .*6 bad line\(s\)"):
+        report.main(str(path), str(tmp_path / "out"))  # refused unless told to skip them
+    assert not (tmp_path / "out").exists()
+    paths = report.main(str(path), str(tmp_path / "out"), skip_bad_lines=True)
     assert (tmp_path / "out" / "report.md") in paths
     md = (tmp_path / "out" / "report.md").read_text()
     assert "line 2: invalid JSON" in md
-    assert "line 5" in capsys.readouterr().err
+    assert "skipped 6 bad line(s) (line 2, 3, 4, 5, 6, 7" in capsys.readouterr().err
 
 
 def test_missing_or_empty_inputs_raise_one_line_errors(tmp_path):
     with pytest.raises(LTHError, match="results file not found"):
         report.load_records(tmp_path / "nope.jsonl")
     with pytest.raises(LTHError, match="no valid records"):
-        report.main(str(write_jsonl(tmp_path / "r.jsonl", ["{bad"])), str(tmp_path / "o"))
+        report.main(str(write_jsonl(tmp_path / "r.jsonl", ["{bad"])), str(tmp_path / "o"),
+                    skip_bad_lines=True)
     with pytest.raises(LTHError, match="exactly one"):
         report.main(None, str(tmp_path / "o"))
     with pytest.raises(LTHError, match="exactly one"):

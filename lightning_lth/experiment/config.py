@@ -8,6 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
+
+# Ranges the parser enforces (its error names the setting, the value and the range).
+Momentum = restricted_number_type("Momentum", float, [(">=", 0), ("<", 1)], join="and")
+InterpolationPoints = restricted_number_type("InterpolationPoints", int, [(">=", 3)])
+
+SEED_MAX = 2**32 - 1  # numpy's, which seed_everything seeds too
+
 MATCH_METHODS = ("activation", "weight")
 CHAINS = ("shared", "per_target")
 
@@ -16,11 +30,11 @@ CHAINS = ("shared", "per_target")
 class PruneSettings:
     """IMP: global magnitude pruning, ``fraction`` of the live weights per round."""
 
-    fraction: float = 0.2
-    epochs_per_round: int = 50
-    lr: float = 0.01
-    momentum: float = 0.0  # authors' code: plain SGD
-    weight_decay: float = 0.0
+    fraction: float = 0.2  # in (0, 1), checked by imp.imp_schedule
+    epochs_per_round: PositiveInt = 50
+    lr: PositiveFloat = 0.01
+    momentum: Momentum = 0.0  # authors' code: plain SGD
+    weight_decay: NonNegativeFloat = 0.0
     chain: str = "shared"  # one chain stopping at each target; "per_target" = authors
     include: list[str] = field(default_factory=lambda: ["*.weight"])
     exclude: list[str] = field(default_factory=lambda: ["*shortcut*", "*bn*"])
@@ -36,10 +50,11 @@ class MatchSettings:
 
     methods: list[str] = field(default_factory=lambda: ["activation"])
     epochs: list[int | list[int]] | None = None
-    num_batches: int | None = None  # None: one pass over the training set
-    interpolation_points: int = 11
-    bn_reset_batches: int | None = None  # BN (and REPAIR) statistics at each alpha; None: one pass
-    seed: int = 0
+    num_batches: PositiveInt | None = None  # None: one pass over the training set
+    interpolation_points: InterpolationPoints = 11  # both ends and at least one alpha between
+    # BN (and REPAIR) statistics at each alpha; None: one pass
+    bn_reset_batches: PositiveInt | None = None
+    seed: NonNegativeInt = 0
     repair: bool = False  # also the REPAIR curves (Jordan et al. 2023): nets without BatchNorm
     # On one CUDA device, each batch's two forwards and moment updates replayed as one CUDA
     # graph (the same numbers); false: eagerly, for a net whose forward cannot be captured.
@@ -50,9 +65,9 @@ class MatchSettings:
 class SparseSettings:
     """The three arms: SGD, momentum, wd, lr; cosine to 0 over T - k epochs."""
 
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: PositiveFloat = 0.02
+    momentum: Momentum = 0.9
+    weight_decay: NonNegativeFloat = 5e-4
 
 
 @dataclass
@@ -72,8 +87,8 @@ class ResumeSettings:
 
     Not part of any key: resume is exact, so the cadence cannot change a number."""
 
-    every_minutes: float | None = 10.0
-    every_n_steps: int | None = None
+    every_minutes: PositiveFloat | None = 10.0
+    every_n_steps: PositiveInt | None = None
 
 
 @dataclass
@@ -90,7 +105,7 @@ class Study:
     resume: ResumeSettings = field(default_factory=ResumeSettings)
     # Arms trained side by side as one stacked model, this many per group (arms of one k);
     # 1: one after another; None: the training device's default (runner.FUSE_DEFAULT).
-    fuse: int | None = None
+    fuse: PositiveInt | None = None
     wandb_project: str = "lightning_lth"
     wandb_mode: str = "auto"  # auto: online when logged in, else offline; or online/offline/disabled
     # Explicit inputs instead of the store's stages (files you already have). The arms rewind

@@ -15,6 +15,7 @@ Every input is checked here, before any stage starts: a refused study leaves not
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
 from lightning_lth.experiment.config import (
     MATCH_METHODS,
+    SEED_MAX,
     MatchSettings,
     OnlyCells,
     PruneSettings,
@@ -50,8 +52,9 @@ from lightning_lth.experiment.stages import (
 )
 from lightning_lth.experiment.tracking import wandb_mode
 from lightning_lth.io import file_sha256
-from lightning_lth.models import build_model
+from lightning_lth.models import build_model, check_forward
 from lightning_lth.sparsity import imp
+from lightning_lth.symmetry.spec import get_spec
 
 SECTIONS = {"prune": PruneSettings, "match": MatchSettings, "sparse": SparseSettings,
             "only": OnlyCells, "resume": ResumeSettings}
@@ -63,9 +66,24 @@ def study_settings(config: dict) -> Study:
                                   if name in section}})
 
 
+def plain(value):
+    """``value`` with the parser's range types (``PositiveInt`` ... subclasses of int and
+    float) as plain numbers: they reach checkpoints, whose weights-only load refuses them."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item) for item in value)
+    if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+        return int(value)
+    if isinstance(value, float) and type(value) is not float:
+        return float(value)
+    return value
+
+
 def resolve(config: dict) -> dict:
-    """The config as the study uses it: the model's shapes from the dataset (the CLI links
-    them only when it instantiates the classes)."""
+    """The config as the study uses it: plain values, and the model's shapes from the
+    dataset (the CLI links them only when it instantiates the classes)."""
+    config = plain(config)
     info = dataset_info(config["data"]["dataset"])
     model = dict(config["model"], num_classes=info.num_classes, in_channels=info.in_channels,
                  image_size=info.image_size)
@@ -203,12 +221,25 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
                            f"epoch of {role} before T={epochs} needs the study's own dense "
                            f"{role} (study.match.epochs {study.match.epochs})")
     wandb_mode(study.wandb_mode)
-    if study.fuse is not None and (isinstance(study.fuse, bool) or not isinstance(study.fuse, int)
-                                   or study.fuse < 1):
-        raise LTHError(f"study.fuse must be an integer >= 1 (1: arms alone) or null (the "
-                       f"device's default), got {study.fuse!r}")
+    for role, net_seed in (("A", seed), ("B", seed + study.seed_b_offset)):
+        if not 0 <= net_seed <= SEED_MAX:
+            raise LTHError(f"dense {role}'s seed {net_seed} (seed_everything={seed}, "
+                           f"study.seed_b_offset={study.seed_b_offset}) is not allowed: seeds "
+                           f"must be in 0..{SEED_MAX}")
+    if not str(study.store).strip():
+        raise LTHError("study.store is empty; give the stage store's folder (default: store)")
+    store = Path(study.store)
+    if store.exists() and not store.is_dir():
+        raise LTHError(f"study.store {study.store} is a file; give a folder (new or a store)")
+    if study.seed_b_offset == 0:
+        raise LTHError("study.seed_b_offset=0 makes dense B the same net as dense A; give "
+                       "any other integer (default 1000)")
     imp.check_targets(study.sparsities)
-    check_rewind_epochs(study.rewind_epochs, epochs)
+    if not study.rewind_epochs:
+        raise LTHError("study.rewind_epochs is empty; give at least one rewind epoch k in "
+                       f"0..{epochs - 1} (the arms train from epoch k)")
+    if len(check_rewind_epochs(study.rewind_epochs, epochs)) != len(study.rewind_epochs):
+        raise LTHError(f"study.rewind_epochs lists an epoch twice: {study.rewind_epochs}")
     for k in study.rewind_epochs:
         if k >= epochs:
             raise LTHError(f"rewind epoch {k} leaves no sparse training: k must be < "
@@ -235,18 +266,44 @@ def prunable_count(model: dict, prune: PruneSettings) -> int:
     return sum(p.numel() for name, p in net.named_parameters() if name in names)
 
 
+MODEL_SHAPE = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs")
+_passed_models: set[tuple[str, bool]] = set()  # (model, matching) that passed, this process
+
+
+def preflight(model: dict, matching: bool) -> None:
+    """Refuse, before any stage, a model the stages could not use: it must build for the
+    data's shape and turn an example batch into one score per class; where the study
+    matches, its permutation spec must derive (and pass its check) as the match stage derives
+    it. On the CPU, two zero images, torch's random state left as it was; once per model in
+    a process (a grid plans many cells of one model)."""
+    key = (json.dumps({name: model.get(name) for name in MODEL_SHAPE}, sort_keys=True,
+                      default=str), matching)
+    if key in _passed_models:
+        return
+    with torch.random.fork_rng(devices=[]):
+        net = build_model(*(model[name] for name in MODEL_SHAPE[:5]), model.get("arch_kwargs"))
+        example = check_forward(net, model["arch"], model["num_classes"],
+                                model["in_channels"], model["image_size"])
+        if matching:
+            get_spec(net, example)
+    _passed_models.add(key)
+
+
 def _file_ref(path: str) -> WeightsRef:
     return WeightsRef(f"file:{file_sha256(path)}", None, str(path))
 
 
 def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
-               with_arms: bool = True) -> Plan:
+               with_arms: bool = True, matching: bool = True) -> Plan:
     """The stages of the study. ``saved_epochs(dense key)``: the rewind epochs a finished
-    dense stage holds (None: not finished, it will save what the study asks for)."""
+    dense stage holds (None: not finished, it will save what the study asks for).
+    ``matching``: the command runs match stages (all but `prune`), so the model's
+    permutation spec is checked first."""
     config = resolve(config)
     study = study_settings(config)
     epochs = int(config["trainer"].get("max_epochs") or 0)
     _check_study(config, study, epochs)
+    preflight(config["model"], matching)
     model, seed = config["model"], config["seed_everything"]
     label = f"{model['arch']}-w{model['width']}-{config['data']['dataset']}"
 

@@ -197,7 +197,8 @@ def plan_table(stages: Sequence, status: Callable[[object], str],
     pending = [s for s in stages if status(s) != "done"]
     left = estimator.time_left((s.kind, s.epochs) for s in pending)
     lines += ["", f"total: {len(stages)} stages ("
-              + ", ".join(f"{states[s]} {s}" for s in ("done", "partial", "missing"))
+              + ", ".join(f"{states[s]} {s}" for s in ("done", "partial", "missing")
+                          + (("corrupt",) if states["corrupt"] else ()))
               + f"); {sum(s.epochs for s in stages)} epochs, "
               f"{sum(s.epochs for s in pending)} to train; time measured "
               f"{duration(sum(measured.values()))}, estimated left "

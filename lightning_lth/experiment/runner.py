@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +19,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from lightning_lth.callbacks import KillSwitch, ResumePoints
+from lightning_lth.callbacks import (
+    KillSwitch,
+    ResumePoints,
+    RewindSnapshots,
+    check_rewind_epochs,
+)
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
@@ -70,6 +76,7 @@ class Runner:
         self.datamodule = cli.datamodule
         self.dist = dist or DistContext()
         trainer_args = dict(vars(cli.config_init.trainer))
+        self.fit_callbacks = list(trainer_args.get("callbacks") or [])
         self.trainer_args = {k: v for k, v in trainer_args.items() if k not in RUNNER_SETS}
         self.plugins = list(trainer_args.get("plugins") or [])
         self.show_steps = trainer_args.get("enable_progress_bar") is not False
@@ -84,10 +91,24 @@ class Runner:
                                  model["width"], self.config["data"]["dataset"])
 
     # -- the plan ---------------------------------------------------------------------------
-    def plan(self, with_arms: bool = True) -> Plan:
-        self._plan = build_plan(self.config, self._saved_epochs, with_arms)
+    def plan(self, with_arms: bool = True, matching: bool = True) -> Plan:
+        self._plan = build_plan(self.config, self._saved_epochs, with_arms, matching)
+        self._check_callbacks()
         self._check_files(self._plan)
         return self._plan
+
+    def _check_callbacks(self) -> None:
+        """A study sets each stage's callbacks itself: a config's RewindSnapshots (for `fit`)
+        is accepted only where it asks for the snapshots the study saves anyway."""
+        wanted = sorted(set(self.study.rewind_epochs))
+        for callback in self.fit_callbacks:
+            if isinstance(callback, RewindSnapshots):
+                epochs = check_rewind_epochs(callback.epochs, self.epochs)
+                if epochs != wanted:
+                    raise LTHError(f"trainer.callbacks has RewindSnapshots(epochs={epochs}), "
+                                   f"but a study saves its own snapshots, "
+                                   f"study.rewind_epochs={wanted}: set the two equal or "
+                                   f"drop the callback")
 
     def _saved_epochs(self, key: str) -> list[int] | None:
         metrics = self.store.root / DenseStage.kind / key / "metrics.json"
@@ -103,6 +124,13 @@ class Runner:
             model = self.config["model"]
             Mask.load(matching.mask.path).check_fits(self.module().net, model["arch"],
                                                      model["width"])
+
+    def load_data(self, stages: list[Stage]) -> None:
+        """Load the splits (the datamodule keeps them) before the first stage that is not
+        done starts, so missing data or a data.val_split too big for it is refused before
+        the store holds anything of it; a store with every stage done reads no data."""
+        if any(self.store.status(stage) != "done" for stage in stages):
+            self.datamodule.setup("fit")
 
     # -- what stages use --------------------------------------------------------------------
     def module(self, **overrides) -> LTHModule:
@@ -290,15 +318,31 @@ class Runner:
                       f" results file {Path(self.study.store) / RESULTS_FILE}")
         return records
 
+    def statuses(self, plan: Plan) -> Callable[[Stage], str]:
+        """Each stage's status in the store, a finished one's checksums verified (once)."""
+        known = {stage.key: self.store.checked_status(stage) for stage in plan.stages}
+        return lambda stage: known[stage.key]
+
+    def actions(self, status: Callable[[Stage], str]) -> Callable[[Stage], tuple[str, str]]:
+        """What a run does with each stage and why (``Store.action``), a corrupt one
+        recomputed."""
+        def action(stage: Stage) -> tuple[str, str]:
+            if status(stage) == "corrupt":
+                return "recompute", "its files fail their checksums"
+            return self.store.action(stage)
+        return action
+
     def describe(self) -> dict:
         """The plan without running anything: stages, keys, status, epochs."""
         plan = self.plan()
+        status = self.statuses(plan)
+        action = self.actions(status)
         stages = [{"stage": s.kind, "name": s.name, "key": s.key,
-                   "status": self.store.status(s), "epochs": s.epochs,
-                   **dict(zip(("action", "why"), self.store.action(s), strict=True))}
+                   "status": status(s), "epochs": s.epochs,
+                   **dict(zip(("action", "why"), action(s), strict=True))}
                   for s in plan.stages]
         cells = [{"arm": a.shown, "sparsity": a.sparsity, "rewind_epoch": a.rewind_epoch,
-                  "key": a.key, "status": self.store.status(a), "epochs": a.epochs}
+                  "key": a.key, "status": status(a), "epochs": a.epochs}
                  for a in plan.arms]
         return {"stages": stages, "cells": cells, "epochs": plan.epochs,
                 "b_until": plan.b_until, "b_epochs_saved": plan.b_epochs_saved}
@@ -328,17 +372,26 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
                 print(json.dumps(runner.describe(), indent=2))
             else:
                 plan = runner.plan()
-                print(plan_table(plan.stages, runner.store.status,
-                                 stage_times(runner.store.root), runner.store.action))
+                status = runner.statuses(plan)
+                print(plan_table(plan.stages, status, stage_times(runner.store.root),
+                                 runner.actions(status)))
+                corrupt = [stage.name for stage in plan.stages if status(stage) == "corrupt"]
+                if corrupt:
+                    print(f"corrupt: {', '.join(corrupt)} failed their checksums; `experiment` "
+                          f"moves them aside and computes them again")
                 if plan.b_epochs_saved:
                     print(f"dense B trains to epoch {plan.b_until} of {runner.epochs} "
                           f"(study.match.epochs): {plan.b_epochs_saved} epochs saved")
         return 0
     if command == "experiment":
-        with watch(runner, command, runner.plan().stages):
+        stages = runner.plan().stages
+        runner.load_data(stages)
+        with watch(runner, command, stages):
             runner.experiment()
         return 0
-    plan = runner.plan(with_arms=False)
+    plan = runner.plan(with_arms=False, matching=command == "match")
+    runner.load_data(in_order(list(plan.targets.values()) if command == "prune"
+                              else plan.matches))
     if command == "prune":
         with watch(runner, command, in_order(list(plan.targets.values()))):
             folders = {target: runner.run(stage) for target, stage in plan.targets.items()}

@@ -82,6 +82,12 @@ class Store:
             return "done"
         return "partial" if self.partial_path(stage).exists() else "missing"
 
+    def checked_status(self, stage: StoredStage) -> str:
+        """``status``, but "corrupt" for a finished stage whose files fail their checksums
+        (what ``run`` moves aside and computes again): what `plan` shows."""
+        state = self.status(stage)
+        return "corrupt" if state == "done" and not self.verify(stage) else state
+
     def verify(self, stage: StoredStage) -> bool:
         """True when the finished stage exists and every file matches its checksum."""
         return self.intact(self.path(stage))

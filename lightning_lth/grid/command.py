@@ -18,12 +18,19 @@ from lightning_lth.grid.graph import GridGraph, GridSpec, build_graph, from_swee
 from lightning_lth.grid.launch import Worker, run_local, submit_slurm, write_records
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is the CLI's one line (``error: ...``, exit 2), not a usage block."""
+
+    def error(self, message: str):
+        raise LTHError(f"grid: {message} (`{self.prog} --help` lists the options)")
+
+
 def parser() -> argparse.ArgumentParser:
     from lightning_lth.cli import help_kwargs
 
     kwargs = help_kwargs("grid")
-    out = argparse.ArgumentParser(prog=kwargs["prog"], description=kwargs["description"],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    out = _Parser(prog=kwargs["prog"], description=kwargs["description"],
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     source = out.add_mutually_exclusive_group(required=True)
     source.add_argument("--sweep", help="a W&B grid sweep file (sweeps/*.yaml)")
     source.add_argument("--config", help="a study config; vary it with --vary")
@@ -69,7 +76,10 @@ def grid_spec(args, overrides: list[str]) -> GridSpec:
     parameters = {}
     for item in args.vary:
         name, sep, values = item.partition("=")
-        values = yaml.safe_load(values) if sep else None
+        try:
+            values = yaml.safe_load(values) if sep else None
+        except yaml.YAMLError:
+            values = None
         if not name or not isinstance(values, list) or not values:
             raise LTHError(f"--vary {item!r}: expected NAME=[V1,V2,...]")
         parameters[name.removeprefix("--")] = values
@@ -80,12 +90,13 @@ def workers(args) -> list[Worker]:
     import torch
 
     if args.gpus is not None:
-        gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+        try:
+            gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+        except ValueError:
+            raise LTHError(f"--gpus {args.gpus!r}: expected GPU ids such as 0,1,2,3") from None
     else:
         gpus = list(range(torch.cuda.device_count()))
-    count = args.workers or max(len(gpus), 1)
-    if count < 1:
-        raise LTHError(f"--workers must be >= 1, got {count}")
+    count = args.workers if args.workers is not None else max(len(gpus), 1)
     if gpus:
         if count > len(gpus):
             raise LTHError(f"--workers={count} but {len(gpus)} GPU(s) ({gpus}): one worker "
@@ -144,8 +155,32 @@ def summary(graph: GridGraph, seconds: dict[str, float], count: int,
               f"--epoch_seconds)")
 
 
+def check_ranges(args) -> dict:
+    """The numeric options' ranges, and --slurm as a mapping: before the grid is built.
+    Returns the SLURM parameters."""
+    for name, value, allowed in (("workers", args.workers, 1), ("threads", args.threads, 1),
+                                 ("retries", args.retries, 0)):
+        if value is not None and value < allowed:
+            raise LTHError(f"--{name}={value} is not allowed: it must be >= {allowed}")
+    if not args.timeout_min > 0:
+        raise LTHError(f"--timeout_min={args.timeout_min} is not allowed: it must be > 0")
+    if not args.overhead_s >= 0:
+        raise LTHError(f"--overhead_s={args.overhead_s} is not allowed: it must be >= 0")
+    if args.fused_epoch_cost is not None and not args.fused_epoch_cost > 0:
+        raise LTHError(f"--fused_epoch_cost must be > 0, got {args.fused_epoch_cost}")
+    try:
+        slurm = yaml.safe_load(args.slurm) or {}
+    except yaml.YAMLError:
+        slurm = None
+    if not isinstance(slurm, dict):
+        raise LTHError(f"--slurm {args.slurm!r}: expected YAML parameters such as "
+                       f"'{{partition: gpu, gpus_per_node: 1}}'")
+    return slurm
+
+
 def main(argv: list[str]) -> int:
     args, overrides = parser().parse_known_args(argv)
+    slurm = check_ranges(args)
     spec = grid_spec(args, overrides)
     graph = build_graph(spec)
     pool = workers(args) if args.executor == "local" else []
@@ -154,8 +189,6 @@ def main(argv: list[str]) -> int:
     fused_cost = args.fused_epoch_cost
     if fused_cost is None:
         fused_cost = plan_time.FUSED_EPOCH_COST[device_type(graph, pool)]
-    if fused_cost <= 0:
-        raise LTHError(f"--fused_epoch_cost must be > 0, got {fused_cost}")
     costs = plan_time.measured_costs(graph, configured, args.overhead_s, fused_cost)
     seconds = costs.seconds(graph)
     count = len(pool) or 1
@@ -165,7 +198,7 @@ def main(argv: list[str]) -> int:
     folder = Path(args.jobs_dir or graph.store / "grid")
     if args.executor == "slurm":
         submit_slurm(graph, spec, plan_time.priority_order(graph, seconds), seconds, folder,
-                     yaml.safe_load(args.slurm) or {})
+                     slurm)
         return 0
     summary(graph, seconds, count, costs)
     outcome = run_local(graph, seconds, pool, folder, args.retries, args.timeout_min * 60)

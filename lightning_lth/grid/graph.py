@@ -31,11 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.plan import in_order, match_pairs
 from lightning_lth.experiment.stages import ArmGroup, ArmStage, Stage
+from lightning_lth.io import load_yaml
 
 ONLY = "study.only."
 COMMAND = "experiment"
@@ -68,7 +67,7 @@ def argument(value) -> str:
 
 def from_sweep(path: str | Path, overrides: Sequence[str] = ()) -> GridSpec:
     """The grid of a W&B grid sweep file whose command runs ``experiment``."""
-    sweep = yaml.safe_load(Path(path).read_text())
+    sweep = load_yaml(path, "sweep file")
     if not isinstance(sweep, dict) or sweep.get("method") != "grid":
         raise LTHError(f"{path}: a grid needs a W&B sweep file with method: grid")
     command = [str(part) for part in sweep.get("command", [])]
@@ -77,13 +76,17 @@ def from_sweep(path: str | Path, overrides: Sequence[str] = ()) -> GridSpec:
                        f"{command}")
     base = [part for part in command[command.index(COMMAND) + 1:] if not part.startswith("${")]
     parameters = {}
+    if not isinstance(sweep.get("parameters", {}), dict):
+        raise LTHError(f"{path}: the sweep's parameters must be a mapping of NAME to "
+                       f"{{values: [...]}} or {{value: ...}}")
     for name, spec in sweep.get("parameters", {}).items():
-        if "values" in spec:
+        if isinstance(spec, dict) and isinstance(spec.get("values"), list):
             parameters[name] = list(spec["values"])
-        elif "value" in spec:
+        elif isinstance(spec, dict) and "value" in spec:
             parameters[name] = [spec["value"]]
         else:
-            raise LTHError(f"{path}: parameter {name} needs `values` or `value` for a grid")
+            raise LTHError(f"{path}: parameter {name} needs `values` (a list) or `value` for "
+                           f"a grid")
     return GridSpec(tuple(base), parameters, tuple(overrides))
 
 

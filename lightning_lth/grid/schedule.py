@@ -27,11 +27,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.store import stage_times
 from lightning_lth.grid.graph import GridGraph, Node
+from lightning_lth.io import load_yaml
 
 # A fused member's epoch over an alone epoch, per device type (module docstring; measured in
 # docs/benchmarks/fused_arms_cpu_2026-11.md and docs/benchmarks/fused_arms_h100_2026-11.md).
@@ -87,12 +86,24 @@ def epochs_only(fused_epoch_cost: float = FUSED_EPOCH_COST["cpu"]) -> Costs:
 
 
 def load_costs(path: str | Path, device: str) -> dict[tuple[str, int], float]:
-    table = yaml.safe_load(Path(path).read_text()) or {}
+    table = load_yaml(path, "--epoch_seconds file") or {}
+    shape = "expected YAML {device: {arch: {width: seconds per epoch}}}"
+    if not isinstance(table, dict):
+        raise LTHError(f"--epoch_seconds {path}: {shape}, got a {type(table).__name__}")
     if device not in table:
         raise LTHError(f"{path} has no seconds per epoch for device {device!r}; it has: "
                        f"{', '.join(map(str, table)) or 'none'}")
-    return {(str(arch), int(width)): float(seconds)
-            for arch, widths in table[device].items() for width, seconds in widths.items()}
+    try:
+        costs = {(str(arch), int(width)): float(seconds)
+                 for arch, widths in table[device].items() for width, seconds in widths.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise LTHError(f"--epoch_seconds {path}: {shape}; its {device!r} entry is "
+                       f"{table[device]!r}") from None
+    for (arch, width), seconds in costs.items():
+        if not seconds > 0:
+            raise LTHError(f"--epoch_seconds {path}: {device} {arch} width {width}: "
+                           f"{seconds} seconds per epoch; it must be > 0")
+    return costs
 
 
 def measured_costs(graph: GridGraph, configured: dict[tuple[str, int], float] | None = None,

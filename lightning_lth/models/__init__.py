@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -85,21 +86,53 @@ def build_model(name: str, width: int, num_classes: int, in_channels: int, image
             raise LTHError(f"model.width={width} but {name} takes no width argument; use "
                            f"model.width=1 and set its size through model.arch_kwargs")
         shapes = {key: value for key, value in shapes.items() if key in declared}
-        try:
+    try:
+        with warnings.catch_warnings():  # a zero-size layer warns; it is refused below
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             net = factory(**{**shapes, **kwargs})
-        except TypeError as error:  # missing or unknown arguments
-            raise LTHError(f"model.arch {name!r} cannot be built with {sorted(kwargs)} "
-                           f"({error}); set its arguments in model.arch_kwargs") from None
-    else:
-        net = factory(**shapes, **kwargs)
+    except TypeError as error:  # missing or unknown arguments
+        raise LTHError(f"model.arch {name!r} cannot be built with model.arch_kwargs "
+                       f"{sorted(kwargs)} ({error}); set its arguments in model.arch_kwargs"
+                       ) from None
     if not isinstance(net, nn.Module):
         raise LTHError(f"model.arch {name!r} returned {type(net).__name__}, not an nn.Module")
+    empty = [param for param, tensor in net.named_parameters() if tensor.numel() == 0]
+    if empty:
+        raise LTHError(f"model.arch {name!r} on the data's {in_channels}x{image_size}x"
+                       f"{image_size} images has layers of size zero ({', '.join(empty[:3])}): "
+                       f"the images are too small for it; pick a model for this dataset")
     return net
 
 
 def example_input(in_channels: int, image_size: int, device=None) -> torch.Tensor:
     """A batch of 2 zero images of the data's shape: what ``get_spec`` traces a model with."""
     return torch.zeros(2, in_channels, image_size, image_size, device=device)
+
+
+def check_forward(net: nn.Module, arch: str, num_classes: int, in_channels: int,
+                  image_size: int) -> torch.Tensor:
+    """Refuse a net that cannot turn a batch of the data's images into one score per class
+    (before any training, so a bad pairing fails in a line, not a traceback after a log
+    folder exists). Runs ``example_input`` once in eval mode, without gradients; returns it."""
+    example = example_input(in_channels, image_size,
+                            next(net.parameters(), torch.empty(0)).device)
+    shown = f"model.arch {arch!r} on the data's {in_channels}x{image_size}x{image_size} images"
+    training = net.training
+    try:
+        with torch.no_grad():
+            out = net.eval()(example)
+    except Exception as error:  # the model's own code: any exception is an input error here
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LTHError(f"{shown}: its forward fails ({first}); pick a model for this "
+                       f"dataset (or an image size it accepts)") from None
+    finally:
+        net.train(training)
+    wanted = (example.shape[0], num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != wanted:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise LTHError(f"{shown}: its forward returns {got}, not one score per class "
+                       f"{wanted} (the dataset has {num_classes} classes)")
+    return example
 
 
 from lightning_lth.models import mlp, resnet, vgg  # noqa: E402,F401  (register the built-ins)
