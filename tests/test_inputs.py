@@ -238,6 +238,16 @@ def test_a_rewind_snapshots_callback_the_study_would_ignore_is_refused(study, ca
         "snapshots, study.rewind_epochs=[0]: set the two equal or drop the callback")
 
 
+
+def test_any_other_callback_the_study_would_ignore_is_refused(study, capsys):
+    callback = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                "--trainer.callbacks.monitor=val/acc"]
+    for command in ("experiment", "plan"):
+        assert refused(capsys, study, command, "--config", "study.yaml", *callback) == (
+            "error: trainer.callbacks has EarlyStopping, which a study would ignore: its stages "
+            "run their own callbacks (snapshots, resume points, progress); drop it for study "
+            "commands (it is for `fit`; RewindSnapshots is accepted)")
+
 # -- the commands --------------------------------------------------------------------------
 def test_an_unknown_command_lists_every_command(study, capsys):
     line = refused(capsys, study, "frobnicate", "--config", "study.yaml")

@@ -99,16 +99,20 @@ class Runner:
 
     def _check_callbacks(self) -> None:
         """A study sets each stage's callbacks itself: a config's RewindSnapshots (for `fit`)
-        is accepted only where it asks for the snapshots the study saves anyway."""
+        is accepted only where it asks for the snapshots the study saves anyway, and any
+        other callback is refused (the stages would ignore it without a word)."""
         wanted = sorted(set(self.study.rewind_epochs))
         for callback in self.fit_callbacks:
-            if isinstance(callback, RewindSnapshots):
-                epochs = check_rewind_epochs(callback.epochs, self.epochs)
-                if epochs != wanted:
-                    raise LTHError(f"trainer.callbacks has RewindSnapshots(epochs={epochs}), "
-                                   f"but a study saves its own snapshots, "
-                                   f"study.rewind_epochs={wanted}: set the two equal or "
-                                   f"drop the callback")
+            if not isinstance(callback, RewindSnapshots):
+                raise LTHError(f"trainer.callbacks has {type(callback).__name__}, which a study "
+                               f"would ignore: its stages run their own callbacks (snapshots, "
+                               f"resume points, progress); drop it for study commands (it is "
+                               f"for `fit`; RewindSnapshots is accepted)")
+            epochs = check_rewind_epochs(callback.epochs, self.epochs)
+            if epochs != wanted:
+                raise LTHError(f"trainer.callbacks has RewindSnapshots(epochs={epochs}), but a "
+                               f"study saves its own snapshots, study.rewind_epochs={wanted}: "
+                               f"set the two equal or drop the callback")
 
     def _saved_epochs(self, key: str) -> list[int] | None:
         metrics = self.store.root / DenseStage.kind / key / "metrics.json"
