@@ -41,8 +41,8 @@ from lightning_lth.experiment.progress import quiet_lightning, silence_known_noi
 from lightning_lth.experiment.runner import Runner
 from lightning_lth.io import save_tensors
 from lightning_lth.models import build_model
-from lightning_lth.module import load_snapshot
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.module import load_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,13 +17,13 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_lth.callbacks import RewindSnapshots, check_rewind_epochs
 from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.config import SEED_MAX, Study
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 from lightning_lth.io import load_yaml
-from lightning_lth.module import LTHModule
+from lightning_lth.training.callbacks import RewindSnapshots, check_rewind_epochs
+from lightning_lth.training.module import LTHModule
 
 PIPELINE_COMMANDS = ("prune", "match", "experiment", "plan")
 # A setting that was replaced: its old name, in a config file or on the command line, is

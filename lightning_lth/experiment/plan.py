@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from lightning_lth import numerics
-from lightning_lth.callbacks import check_rewind_epochs
 from lightning_lth.data import dataset_info
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
@@ -55,6 +54,7 @@ from lightning_lth.io import file_sha256
 from lightning_lth.models import build_model, check_forward
 from lightning_lth.sparsity import imp
 from lightning_lth.symmetry.spec import get_spec
+from lightning_lth.training.callbacks import check_rewind_epochs
 
 SECTIONS = {"prune": PruneSettings, "match": MatchSettings, "sparse": SparseSettings,
             "only": OnlyCells, "resume": ResumeSettings}

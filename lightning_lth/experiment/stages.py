@@ -26,19 +26,19 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_lth.callbacks import ResumePoints, RewindSnapshots, snapshot_name
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.keys import digest
 from lightning_lth.experiment.store import CHECKPOINTS, SETTINGS
-from lightning_lth.fused import FusedArms, MemberLogs
 from lightning_lth.io import load_json, load_tensors, save_json, save_tensors
 from lightning_lth.models import example_input
-from lightning_lth.module import LTHModule
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.connectivity import compare_naive_matched, plot_interpolation
 from lightning_lth.symmetry.matching import activation_correlations, match, matched_correlation
 from lightning_lth.symmetry.spec import apply_permutation, get_spec
+from lightning_lth.training.callbacks import ResumePoints, RewindSnapshots, snapshot_name
+from lightning_lth.training.fused import FusedArms, MemberLogs
+from lightning_lth.training.module import LTHModule
 
 
 @dataclass(frozen=True)
@@ -448,7 +448,7 @@ def fusable(arm: ArmStage) -> tuple:
 
 @dataclass(frozen=True)
 class ArmGroup:
-    """Arms trained side by side as one stacked model (``lightning_lth.fused``): one data
+    """Arms trained side by side as one stacked model (``lightning_lth.training.fused``): one data
     order, one schedule. Not a stage of the store: each member is its own stage, and the
     group's resume checkpoint lives in ``<store>/fused/<key>.partial`` (``key``: from the
     members' keys, so only the same members resume it)."""

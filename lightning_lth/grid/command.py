@@ -14,8 +14,8 @@ import yaml
 
 from lightning_lth.errors import LTHError
 from lightning_lth.grid import schedule as plan_time
-from lightning_lth.grid.graph import GridGraph, GridSpec, build_graph, from_sweep
 from lightning_lth.grid.launch import Worker, run_local, submit_slurm, write_records
+from lightning_lth.grid.stage_graph import GridGraph, GridSpec, build_graph, from_sweep
 
 
 class _Parser(argparse.ArgumentParser):

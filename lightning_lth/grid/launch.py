@@ -36,8 +36,8 @@ from pathlib import Path
 import submitit
 
 from lightning_lth.errors import LTHError
-from lightning_lth.grid.graph import GridGraph, GridSpec, build_graph
 from lightning_lth.grid.schedule import ReadyQueue, Slot, bottom_levels
+from lightning_lth.grid.stage_graph import GridGraph, GridSpec, build_graph
 from lightning_lth.io import load_json, save_json
 
 

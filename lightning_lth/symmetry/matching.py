@@ -32,9 +32,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from lightning_lth.cuda_streams import WARMUP, on_side_stream
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
-from lightning_lth.graphs import WARMUP, on_side_stream
 from lightning_lth.symmetry.spec import (
     PermutationSpec,
     check_spec,
