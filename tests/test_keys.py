@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import pytest
 from test_experiment import tiny_config
 
-from lightning_lth.cli import main, make_cli
+from lightning_lth.cli import main
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
 from lightning_lth.experiment.plan import build_plan
+from lightning_lth.parsing import make_cli
 from lightning_lth.sparsity.mask import Mask
 
 DENSE = {"dense A", "dense B"}

@@ -53,7 +53,7 @@ from lightning_lth.experiment.tracking import wandb_mode
 from lightning_lth.io import file_sha256
 from lightning_lth.models import build_model, check_forward
 from lightning_lth.sparsity import imp
-from lightning_lth.symmetry.spec import get_spec
+from lightning_lth.symmetry.trace import get_spec
 from lightning_lth.training.callbacks import check_rewind_epochs
 
 SECTIONS = {"prune": PruneSettings, "match": MatchSettings, "sparse": SparseSettings,

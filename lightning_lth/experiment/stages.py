@@ -35,7 +35,8 @@ from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.connectivity import compare_naive_matched, plot_interpolation
 from lightning_lth.symmetry.matching import activation_correlations, match, matched_correlation
-from lightning_lth.symmetry.spec import apply_permutation, get_spec
+from lightning_lth.symmetry.spec import apply_permutation
+from lightning_lth.symmetry.trace import get_spec
 from lightning_lth.training.callbacks import ResumePoints, RewindSnapshots, snapshot_name
 from lightning_lth.training.fused import FusedArms, MemberLogs
 from lightning_lth.training.module import LTHModule

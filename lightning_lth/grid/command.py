@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from lightning_lth.cli import help_kwargs
+    from lightning_lth.parsing import help_kwargs
 
     kwargs = help_kwargs("grid")
     out = _Parser(prog=kwargs["prog"], description=kwargs["description"],

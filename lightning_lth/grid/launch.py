@@ -42,8 +42,8 @@ from lightning_lth.io import load_json, save_json
 
 
 def _runner(argv):
-    from lightning_lth.cli import make_cli
     from lightning_lth.experiment.runner import Runner
+    from lightning_lth.parsing import make_cli
 
     return Runner(make_cli(list(argv), run=False, command="experiment"))
 
