@@ -32,7 +32,6 @@ from lightning_lth.experiment.config import (
     SEED_MAX,
     MatchSettings,
     OnlyCells,
-    PruneSettings,
     ResumeSettings,
     SparseSettings,
     Study,
@@ -48,11 +47,13 @@ from lightning_lth.experiment.stages import (
     Stage,
     WeightsRef,
     fusable,
+    prunable_names,
 )
 from lightning_lth.experiment.tracking import wandb_mode
 from lightning_lth.io import file_sha256
 from lightning_lth.models import build_model, check_forward
 from lightning_lth.sparsity import imp
+from lightning_lth.sparsity.imp import PruneSettings
 from lightning_lth.symmetry.trace import get_spec
 from lightning_lth.training.callbacks import check_rewind_epochs
 
@@ -262,7 +263,7 @@ def prunable_count(model: dict, prune: PruneSettings) -> int:
     with torch.device("meta"):
         net = build_model(model["arch"], model["width"], model["num_classes"],
                           model["in_channels"], model["image_size"], model.get("arch_kwargs"))
-    names = set(imp.prunable_names(net, prune.include, prune.exclude))
+    names = set(prunable_names(net, prune))
     return sum(p.numel() for name, p in net.named_parameters() if name in names)
 
 
