@@ -1,4 +1,4 @@
-"""Fused arms (lightning_lth/fused.py): members equal their alone runs, masks stay exact, and
+"""Fused arms (lightning_lth/training/fused.py): members equal their alone runs, masks stay exact, and
 a fused group is stored and resumed as one stage per arm."""
 
 from __future__ import annotations
