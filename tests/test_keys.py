@@ -160,7 +160,7 @@ EXPECTED: dict[str, Expect] = {
     "study.match.interpolation_points": exact(MATCH, value=5),
     # only the curves change, but pi's stage is re-keyed, and the permuted arms read it
     "study.match.repair": exact(MATCH, value=True, no_op=False),
-    "study.match.cuda_graphs": exact(set(), value=False),  # the same numbers (test_graphs)
+    "study.match.cuda_graphs": exact(set(), value=False),  # the same numbers (test_cuda_graphs)
     # another method adds match stages and arms (match[weight]); the study's own keep keys
     "study.match.methods": plan_shaping(ALL, ["activation", "weight"]),
     # new match stages and permuted arms (permuted@b1); the study's own keep their keys

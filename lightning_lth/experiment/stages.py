@@ -230,7 +230,7 @@ class SnapshotStage(Stage):
 def prunable_names(net: torch.nn.Module, prune: PruneSettings) -> list[str]:
     """The weights IMP prunes under ``prune``'s patterns. A model without a hand-written
     ``permutation_spec()`` (one brought as a dotted path, whose graph is traced for its spec
-    anyway) also keeps the convs its torch.fx graph shows alone on a residual skip path
+    anyway) also leaves out the convs its torch.fx graph shows alone on a residual skip path
     (``symmetry.trace.skip_path_convs``, e.g. torchvision's ``layer2.0.downsample.0``): the
     authors' shortcut rule for models whose names the default patterns do not know. The
     built-ins keep their name patterns (``*shortcut*``) and are never traced. Here, not in
