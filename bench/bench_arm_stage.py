@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from common import interleaved, spread, timed, write_result
 
-from lightning_lth.cli import make_cli
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 from lightning_lth.experiment.runner import Runner
 from lightning_lth.io import save_tensors
 from lightning_lth.models import build_model
-from lightning_lth.module import load_snapshot
+from lightning_lth.parsing import make_cli
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.module import load_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 

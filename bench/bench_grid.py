@@ -28,7 +28,7 @@ from common import write_result
 from lightning_lth.experiment.store import stage_times
 from lightning_lth.grid import schedule
 from lightning_lth.grid.command import grid_spec, parser
-from lightning_lth.grid.graph import build_graph, from_sweep
+from lightning_lth.grid.stage_graph import build_graph, from_sweep
 
 NO_LOGS = ["--trainer.logger=false", "--study.wandb_mode=disabled", "--trainer.accelerator=cpu"]
 

@@ -41,8 +41,8 @@ import torch
 from common import interleaved, sync, write_result
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lth.module import LTHModule
 from lightning_lth.sparsity import imp
+from lightning_lth.training.module import LTHModule
 
 GOAL_TIME, GOAL_MEMORY = 1.05, 1.10
 

@@ -11,8 +11,8 @@ import argparse
 
 from common import write_result
 
-from lightning_lth.cli import make_cli
 from lightning_lth.experiment.plan import build_plan, study_settings
+from lightning_lth.parsing import make_cli
 from lightning_lth.sparsity import imp
 
 

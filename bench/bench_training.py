@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from common import device_name, interleaved, spread, sync, write_result
 
 from lightning_lth.data import DATASETS, DeviceLoader
-from lightning_lth.fused import FusedArms
 from lightning_lth.models import build_model, example_input
-from lightning_lth.module import LTHModule
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.fused import FusedArms
+from lightning_lth.training.module import LTHModule
 
 MEAN, STD = DATASETS["cifar10"].authors_stats
 LR, MOMENTUM, WEIGHT_DECAY = 0.08, 0.9, 5e-4

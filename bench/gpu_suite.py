@@ -151,7 +151,7 @@ def fused_stages(mode: str, fmnist: str):
     return result
 
 
-CUDA_TESTS = ("test_graphs.py", "test_fused.py", "test_fast_options.py",
+CUDA_TESTS = ("test_cuda_graphs.py", "test_fused.py", "test_fast_options.py",
               "test_device_loader.py")
 
 

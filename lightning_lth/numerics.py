@@ -23,10 +23,11 @@ from lightning_lth.models import MODEL_NUMERICS, model_numerics
 
 # component -> (version, what it covers)
 COMPONENTS: dict[str, tuple[int, str]] = {
-    "data": (1, "lightning_lth/data.py: loading, normalisation, augmentation, batch order "
+    "data": (1, "lightning_lth/data: loading, normalisation, augmentation, batch order "
                 "and sharding, the device loader"),
-    "train_step": (1, "lightning_lth/module.py, graphs.py, fused.py, epoch_sums.py: the loss, "
-                      "SGD and its schedule, the mask hooks, evaluation"),
+    "train_step": (1, "lightning_lth/training: module.py, cuda_graphs.py, fused.py, "
+                      "epoch_sums.py: the loss, SGD and its schedule, the mask hooks, "
+                      "evaluation"),
     "imp": (1, "lightning_lth/sparsity: global L1 magnitude pruning, which weights are "
                "prunable, the mask"),
     "matching": (1, "lightning_lth/symmetry: activation and weight matching, applying pi, "

@@ -22,7 +22,7 @@ from lightning_lth.callbacks import RewindSnapshots
 from lightning_lth.cli import main
 from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
-from lightning_lth.module import LTHModule, load_snapshot
+from lightning_lth.training.module import LTHModule, load_snapshot
 
 CONFIG = """\
 seed_everything: 0

@@ -14,7 +14,7 @@ from conftest import write_idx_dataset
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lth.data import LTHDataModule
-from lightning_lth.module import LTHModule
+from lightning_lth.training.module import LTHModule
 
 EPOCHS, BATCHES = 3, 8  # 256 training images in batches of 32
 

@@ -13,11 +13,12 @@ import torch
 import yaml
 from test_experiment import events, records, tiny_config
 
-from lightning_lth.cli import main, make_cli
+from lightning_lth.cli import main
 from lightning_lth.experiment.plan import build_plan
 from lightning_lth.experiment.stages import load_perm
 from lightning_lth.io import load_json, load_tensors
 from lightning_lth.models.mlp import MLP
+from lightning_lth.parsing import make_cli
 from lightning_lth.report import write_report
 from lightning_lth.symmetry.spec import apply_permutation
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_lth.epoch_sums import EpochSums
+from lightning_lth.training.epoch_sums import EpochSums
 
 
 def test_epoch_values_equal_torchmetrics_to_the_bit_then_start_again():

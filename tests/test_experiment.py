@@ -16,8 +16,8 @@ from conftest import REPO, run_cli, write_idx_dataset
 
 from lightning_lth.cli import main
 from lightning_lth.io import save_tensors
-from lightning_lth.module import LTHModule
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.module import LTHModule
 
 NO_WANDB = {"WANDB_MODE": "disabled"}
 IMP_ROUNDS = 8  # targets 0.5 and 0.8 with fraction 0.2: one shared chain of 8 rounds

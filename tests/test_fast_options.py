@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lightning_lth.data import DeviceLoader
-from lightning_lth.module import LTHModule
+from lightning_lth.training.module import LTHModule
 
 # 256 validation images: 0.05 is 13 of them. fp32 reaches ~0.98 here.
 TOLERANCE, FLOOR = 0.05, 0.9

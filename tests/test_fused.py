@@ -1,4 +1,4 @@
-"""Fused arms (lightning_lth/fused.py): members equal their alone runs, masks stay exact, and
+"""Fused arms (lightning_lth/training/fused.py): members equal their alone runs, masks stay exact, and
 a fused group is stored and resumed as one stage per arm."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from torch import nn
 from lightning_lth.cli import main
 from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
-from lightning_lth.fused import FusedArms, unfusable
 from lightning_lth.models import example_input
-from lightning_lth.module import LTHModule
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.fused import FusedArms, unfusable
+from lightning_lth.training.module import LTHModule
 
 # After 2 epochs (8 SGD steps): the batched matmul differs from the matmul in the last bits
 # only (measured: at most 3e-8 on the tiny study's weights).

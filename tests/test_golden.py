@@ -28,10 +28,11 @@ from conftest import run_cli
 from test_experiment import NO_WANDB, tiny_config
 
 from lightning_lth import numerics
-from lightning_lth.cli import main, make_cli
+from lightning_lth.cli import main
 from lightning_lth.experiment.plan import build_plan
 from lightning_lth.io import load_tensors, save_json
 from lightning_lth.models import MODEL_NUMERICS
+from lightning_lth.parsing import make_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PLATFORM = "torch 2.14.1+cu130, CPU AVX512"

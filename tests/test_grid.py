@@ -15,13 +15,14 @@ import yaml
 from conftest import REPO, run_cli
 from test_experiment import tiny_config
 
-from lightning_lth.callbacks import KillSwitch
-from lightning_lth.cli import main, make_cli
+from lightning_lth.cli import main
 from lightning_lth.experiment.runner import Runner
 from lightning_lth.grid import schedule
 from lightning_lth.grid.command import dry_run
-from lightning_lth.grid.graph import Cell, GridGraph, GridSpec, Node, build_graph, from_sweep
 from lightning_lth.grid.launch import grid_name, submit_slurm
+from lightning_lth.grid.stage_graph import Cell, GridGraph, GridSpec, Node, build_graph, from_sweep
+from lightning_lth.parsing import make_cli
+from lightning_lth.training.failpoints import KillSwitch
 
 SWEEPS = REPO / "sweeps"
 NO_WANDB = ("--study.wandb_mode=disabled", "--trainer.logger=false")

@@ -15,7 +15,8 @@ import yaml
 from conftest import write_idx_dataset
 from torch import nn
 
-from lightning_lth.cli import COMMANDS, main
+from lightning_lth.cli import main
+from lightning_lth.parsing import COMMANDS
 
 
 class ChannelConcat(nn.Module):

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import pytest
 from test_experiment import tiny_config
 
-from lightning_lth.cli import main, make_cli
+from lightning_lth.cli import main
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
 from lightning_lth.experiment.plan import build_plan
+from lightning_lth.parsing import make_cli
 from lightning_lth.sparsity.mask import Mask
 
 DENSE = {"dense A", "dense B"}
@@ -159,7 +160,7 @@ EXPECTED: dict[str, Expect] = {
     "study.match.interpolation_points": exact(MATCH, value=5),
     # only the curves change, but pi's stage is re-keyed, and the permuted arms read it
     "study.match.repair": exact(MATCH, value=True, no_op=False),
-    "study.match.cuda_graphs": exact(set(), value=False),  # the same numbers (test_graphs)
+    "study.match.cuda_graphs": exact(set(), value=False),  # the same numbers (test_cuda_graphs)
     # another method adds match stages and arms (match[weight]); the study's own keep keys
     "study.match.methods": plan_shaping(ALL, ["activation", "weight"]),
     # new match stages and permuted arms (permuted@b1); the study's own keep their keys

@@ -14,10 +14,11 @@ from torch import nn
 
 from lightning_lth.cli import main
 from lightning_lth.errors import LTHError
-from lightning_lth.experiment.config import PruneSettings
 from lightning_lth.experiment.plan import prunable_count
+from lightning_lth.experiment.stages import prunable_names
 from lightning_lth.models import build_model
 from lightning_lth.sparsity import imp
+from lightning_lth.sparsity.imp import PruneSettings
 from lightning_lth.sparsity.mask import Mask
 
 RESNET18 = {"arch": "torchvision.models.resnet18", "arch_kwargs": {"num_classes": 10}}
@@ -64,11 +65,11 @@ def test_bad_arch_is_one_line_error(arch, kwargs, width, message):
 def test_prunable_sets_skip_paths_by_graph_role_only_for_models_without_a_spec():
     for name, shape in (("resnet20", (3, 32)), ("vgg11", (3, 32)), ("mlp", (1, 28))):
         net = build_model(name, 1, 10, *shape)
-        assert imp.prunable_names(net) == imp.prunable_names(net, exclude_skip_paths=False)
+        assert prunable_names(net, PruneSettings()) == imp.prunable_names(net)  # not traced
     resnet20 = imp.prunable_names(build_model("resnet20", 1, 10, 3, 32))
     assert len(resnet20) == 19 + 1 and not any("shortcut" in name for name in resnet20)
     resnet18 = torchvision.models.resnet18(num_classes=10)
-    names = imp.prunable_names(resnet18)  # default: traced, downsample convs left out
+    names = prunable_names(resnet18, PruneSettings())  # traced: downsample convs left out
     assert not any("downsample" in name for name in names) and "fc.weight" in names
     assert len(names) == 1 + 16 + 1  # the stem, 8 blocks x 2 convs, the classifier
     model = {"width": 1, "num_classes": 10, "in_channels": 3, "image_size": 32, **RESNET18}

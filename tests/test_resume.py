@@ -16,9 +16,9 @@ import torch
 from conftest import run_cli
 from test_experiment import NO_WANDB, events, tiny_config
 
-from lightning_lth.callbacks import KillSwitch
-from lightning_lth.cli import make_cli
 from lightning_lth.experiment.plan import build_plan
+from lightning_lth.parsing import make_cli
+from lightning_lth.training.failpoints import KillSwitch
 
 VARYING = {"wall_time_s", "finished_at", "connectivity"}  # timing and path fields
 SCRATCH = {"logs", "wandb", "checkpoints"}

@@ -18,9 +18,9 @@ from test_experiment import tiny_config
 from test_grid import comparable
 from test_resume import assert_same, stage_outputs
 
-from lightning_lth.callbacks import KillSwitch
-from lightning_lth.grid.graph import GridSpec, build_graph
 from lightning_lth.grid.launch import ACTIVE, RECORDS, SUBMITTED
+from lightning_lth.grid.stage_graph import GridSpec, build_graph
+from lightning_lth.training.failpoints import KillSwitch
 
 pytestmark = pytest.mark.slow  # minutes: jobs start Python, Lightning and torch each
 CELLS = ("--study.only.rewind_epoch=1",)  # A, B, one IMP round, the match, lth and permuted

@@ -14,9 +14,9 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lth.errors import LTHError
-from lightning_lth.module import LTHModule
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.module import LTHModule
 
 PAPER_TARGETS = [0.8, 0.9, 0.95, 0.97]
 

@@ -172,11 +172,11 @@ def test_derived_spec_equals_hand_written(name):
 def test_prunable_sets_of_built_ins_unchanged_by_skip_path_rule():
     for name, (kwargs, _) in BUILT_IN.items():
         model = build_model(name, 1, 10, **kwargs)
-        assert imp.prunable_names(model, exclude_skip_paths=True) == imp.prunable_names(model)
+        assert imp.prunable_names(model, skip_paths=skip_path_convs(model)) == imp.prunable_names(model)
     resnet = build_model("resnet20", 1, 10, in_channels=3, image_size=32)
     assert skip_path_convs(resnet) == ["stages.1.0.shortcut.0", "stages.2.0.shortcut.0"]
-    names = imp.prunable_names(torchvision.models.resnet18(num_classes=10),
-                               exclude_skip_paths=True)
+    resnet18 = torchvision.models.resnet18(num_classes=10)
+    names = imp.prunable_names(resnet18, skip_paths=skip_path_convs(resnet18))
     assert "layer1.0.conv1.weight" in names and "fc.weight" in names
     assert not any("downsample" in n for n in names)
     assert skip_path_convs(torchvision.models.resnet50()) == [

@@ -2,42 +2,22 @@
 
 ``fit``/``validate``/``test`` ignore it; ``prune``, ``match``, ``experiment`` and ``plan``
 read it. Defaults are the paper's (Appendix A.1, A.5) and the authors' code (method.md).
+IMP's section (``PruneSettings``) is defined by IMP itself, ``sparsity/imp.py``,
+and used here as ``study.prune``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jsonargparse.typing import (
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    restricted_number_type,
-)
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-# Ranges the parser enforces (its error names the setting, the value and the range).
-Momentum = restricted_number_type("Momentum", float, [(">=", 0), ("<", 1)], join="and")
-InterpolationPoints = restricted_number_type("InterpolationPoints", int, [(">=", 3)])
+from lightning_lth.ranges import InterpolationPoints, Momentum
+from lightning_lth.sparsity.imp import PruneSettings  # IMP owns its settings
 
 SEED_MAX = 2**32 - 1  # numpy's, which seed_everything seeds too
 
 MATCH_METHODS = ("activation", "weight")
-CHAINS = ("shared", "per_target")
-
-
-@dataclass
-class PruneSettings:
-    """IMP: global magnitude pruning, ``fraction`` of the live weights per round."""
-
-    fraction: float = 0.2  # in (0, 1), checked by imp.imp_schedule
-    epochs_per_round: PositiveInt = 50
-    lr: PositiveFloat = 0.01
-    momentum: Momentum = 0.0  # authors' code: plain SGD
-    weight_decay: NonNegativeFloat = 0.0
-    chain: str = "shared"  # one chain stopping at each target; "per_target" = authors
-    include: list[str] = field(default_factory=lambda: ["*.weight"])
-    exclude: list[str] = field(default_factory=lambda: ["*shortcut*", "*bn*"])
 
 
 @dataclass

@@ -61,7 +61,7 @@ EXCLUDED: dict[str, str] = {
                            "as study.match.method (match_view)",
     "study.match.epochs": "shapes the plan; a match stage is keyed by the snapshots it reads",
     "study.match.cuda_graphs": "how matching runs on CUDA: a replay runs the eager passes' "
-                               "kernels on the same buffers (tests/test_graphs.py)",
+                               "kernels on the same buffers (tests/test_cuda_graphs.py)",
     "study.weights_a": "a file input, keyed by its checksum where it is read",
     "study.weights_b": "a file input, keyed by its checksum where it is read",
     "study.mask": "a file input, keyed by its checksum where it is read",

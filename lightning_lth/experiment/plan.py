@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from lightning_lth import numerics
-from lightning_lth.callbacks import check_rewind_epochs
 from lightning_lth.data import dataset_info
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
@@ -33,7 +32,6 @@ from lightning_lth.experiment.config import (
     SEED_MAX,
     MatchSettings,
     OnlyCells,
-    PruneSettings,
     ResumeSettings,
     SparseSettings,
     Study,
@@ -49,12 +47,15 @@ from lightning_lth.experiment.stages import (
     Stage,
     WeightsRef,
     fusable,
+    prunable_names,
 )
 from lightning_lth.experiment.tracking import wandb_mode
 from lightning_lth.io import file_sha256
 from lightning_lth.models import build_model, check_forward
 from lightning_lth.sparsity import imp
-from lightning_lth.symmetry.spec import get_spec
+from lightning_lth.sparsity.imp import PruneSettings
+from lightning_lth.symmetry.trace import get_spec
+from lightning_lth.training.callbacks import check_rewind_epochs
 
 SECTIONS = {"prune": PruneSettings, "match": MatchSettings, "sparse": SparseSettings,
             "only": OnlyCells, "resume": ResumeSettings}
@@ -262,7 +263,7 @@ def prunable_count(model: dict, prune: PruneSettings) -> int:
     with torch.device("meta"):
         net = build_model(model["arch"], model["width"], model["num_classes"],
                           model["in_channels"], model["image_size"], model.get("arch_kwargs"))
-    names = set(imp.prunable_names(net, prune.include, prune.exclude))
+    names = set(prunable_names(net, prune))
     return sum(p.numel() for name, p in net.named_parameters() if name in names)
 
 

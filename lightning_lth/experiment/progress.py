@@ -34,8 +34,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from lightning_lth import __version__
-from lightning_lth.callbacks import completed_epochs
 from lightning_lth.experiment.keys import OLDER_RELEASE
+from lightning_lth.training.callbacks import completed_epochs
 
 # Third-party noise with nothing for a user to act on (Python warnings, then log lines).
 NOISY_WARNINGS = (r".*LeafSpec.*", r".*`tensorboardX` has been removed as a dependency.*",

@@ -46,7 +46,7 @@ class Record:
     barrier_loss_after_repair: float | None = None
     barrier_error_before_repair: float | None = None
     barrier_error_after_repair: float | None = None
-    # The size of the fused group the arm trained in (lightning_lth.fused); 1: alone. Records
+    # The size of the fused group the arm trained in (lightning_lth.training.fused); 1: alone. Records
     # of releases before fusion lack it: they trained alone.
     fused: int = 1
     # A permuted arm's own match (None on the other arms); records from before these fields

@@ -19,12 +19,6 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from lightning_lth.callbacks import (
-    KillSwitch,
-    ResumePoints,
-    RewindSnapshots,
-    check_rewind_epochs,
-)
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
@@ -42,11 +36,13 @@ from lightning_lth.experiment.stages import (
 )
 from lightning_lth.experiment.store import CHECKPOINTS, Store, stage_times
 from lightning_lth.experiment.tracking import Tracking
-from lightning_lth.fused import unfusable
 from lightning_lth.io import load_json, write_atomic
-from lightning_lth.module import LTHModule, load_snapshot, load_weights
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.matching import perm_agreement
+from lightning_lth.training.callbacks import ResumePoints, RewindSnapshots, check_rewind_epochs
+from lightning_lth.training.failpoints import KillSwitch
+from lightning_lth.training.fused import unfusable
+from lightning_lth.training.module import LTHModule, load_snapshot, load_weights
 
 # study.fuse when it is not set, per training device type: the group size (1: arms train
 # one after another). Measured: on CPU the fused group of 12 demo-MLP arms took 1.09-1.12x

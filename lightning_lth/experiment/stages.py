@@ -26,19 +26,21 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_lth.callbacks import ResumePoints, RewindSnapshots, snapshot_name
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.keys import digest
 from lightning_lth.experiment.store import CHECKPOINTS, SETTINGS
-from lightning_lth.fused import FusedArms, MemberLogs
 from lightning_lth.io import load_json, load_tensors, save_json, save_tensors
 from lightning_lth.models import example_input
-from lightning_lth.module import LTHModule
 from lightning_lth.sparsity import imp
+from lightning_lth.sparsity.imp import PruneSettings
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.connectivity import compare_naive_matched, plot_interpolation
 from lightning_lth.symmetry.matching import activation_correlations, match, matched_correlation
-from lightning_lth.symmetry.spec import apply_permutation, get_spec
+from lightning_lth.symmetry.spec import apply_permutation
+from lightning_lth.symmetry.trace import get_spec, skip_path_convs
+from lightning_lth.training.callbacks import ResumePoints, RewindSnapshots, snapshot_name
+from lightning_lth.training.fused import FusedArms, MemberLogs
+from lightning_lth.training.module import LTHModule
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,18 @@ class SnapshotStage(Stage):
         return WeightsRef(f"{self.dense.key}@{epoch}", self, f"rewind/{snapshot_name(epoch)}")
 
 
+def prunable_names(net: torch.nn.Module, prune: PruneSettings) -> list[str]:
+    """The weights IMP prunes under ``prune``'s patterns. A model without a hand-written
+    ``permutation_spec()`` (one brought as a dotted path, whose graph is traced for its spec
+    anyway) also leaves out the convs its torch.fx graph shows alone on a residual skip path
+    (``symmetry.trace.skip_path_convs``, e.g. torchvision's ``layer2.0.downsample.0``): the
+    authors' shortcut rule for models whose names the default patterns do not know. The
+    built-ins keep their name patterns (``*shortcut*``) and are never traced. Here, not in
+    ``sparsity``, because it needs both IMP and the graph (sparsity sits below symmetry)."""
+    skip_paths = () if hasattr(net, "permutation_spec") else skip_path_convs(net)
+    return imp.prunable_names(net, prune.include, prune.exclude, skip_paths)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImpRound(Stage):
     """One IMP round: prune to ``zeros`` weights from the previous round (or dense A), then
@@ -259,7 +273,7 @@ class ImpRound(Stage):
         module = ctx.module(lr=prune.lr, momentum=prune.momentum,
                             weight_decay=prune.weight_decay, init_weights=start,
                             schedule_epochs=max(self.epochs, 1))
-        names = imp.prunable_names(module.net, prune.include, prune.exclude)
+        names = prunable_names(module.net, prune)
         if self.step == 0:
             mask = imp.full_mask(module.net, names)
         else:
@@ -448,7 +462,7 @@ def fusable(arm: ArmStage) -> tuple:
 
 @dataclass(frozen=True)
 class ArmGroup:
-    """Arms trained side by side as one stacked model (``lightning_lth.fused``): one data
+    """Arms trained side by side as one stacked model (``lightning_lth.training.fused``): one data
     order, one schedule. Not a stage of the store: each member is its own stage, and the
     group's resume checkpoint lives in ``<store>/fused/<key>.partial`` (``key``: from the
     members' keys, so only the same members resume it)."""

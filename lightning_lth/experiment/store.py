@@ -28,12 +28,12 @@ from typing import Protocol
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_lth.callbacks import ResumePoints
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.keys import changes
 from lightning_lth.io import file_sha256, load_json, save_json
 from lightning_lth.numerics import computed_with
+from lightning_lth.training.callbacks import ResumePoints
 
 MANIFEST = "MANIFEST.json"
 SETTINGS = "settings.json"

@@ -14,8 +14,8 @@ import yaml
 
 from lightning_lth.errors import LTHError
 from lightning_lth.grid import schedule as plan_time
-from lightning_lth.grid.graph import GridGraph, GridSpec, build_graph, from_sweep
 from lightning_lth.grid.launch import Worker, run_local, submit_slurm, write_records
+from lightning_lth.grid.stage_graph import GridGraph, GridSpec, build_graph, from_sweep
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from lightning_lth.cli import help_kwargs
+    from lightning_lth.parsing import help_kwargs
 
     kwargs = help_kwargs("grid")
     out = _Parser(prog=kwargs["prog"], description=kwargs["description"],

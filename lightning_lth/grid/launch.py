@@ -36,14 +36,14 @@ from pathlib import Path
 import submitit
 
 from lightning_lth.errors import LTHError
-from lightning_lth.grid.graph import GridGraph, GridSpec, build_graph
 from lightning_lth.grid.schedule import ReadyQueue, Slot, bottom_levels
+from lightning_lth.grid.stage_graph import GridGraph, GridSpec, build_graph
 from lightning_lth.io import load_json, save_json
 
 
 def _runner(argv):
-    from lightning_lth.cli import make_cli
     from lightning_lth.experiment.runner import Runner
+    from lightning_lth.parsing import make_cli
 
     return Runner(make_cli(list(argv), run=False, command="experiment"))
 

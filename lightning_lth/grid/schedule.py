@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.store import stage_times
-from lightning_lth.grid.graph import GridGraph, Node
+from lightning_lth.grid.stage_graph import GridGraph, Node
 from lightning_lth.io import load_yaml
 
 # A fused member's epoch over an alone epoch, per device type (module docstring; measured in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_lth.models import register_model
+from lightning_lth.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

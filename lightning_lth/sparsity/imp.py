@@ -38,39 +38,51 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import nn
 from torch.nn.utils import prune
 
 from lightning_lth.errors import LTHError
-from lightning_lth.experiment.config import CHAINS, PruneSettings
+from lightning_lth.ranges import Momentum
 from lightning_lth.sparsity.mask import Mask
 
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+CHAINS = ("shared", "per_target")
+
+
+# -- the settings (the config's ``study.prune``) --------------------------------------------
+@dataclass
+class PruneSettings:
+    """IMP: global magnitude pruning, ``fraction`` of the live weights per round."""
+
+    fraction: float = 0.2  # in (0, 1), checked by imp.imp_schedule
+    epochs_per_round: PositiveInt = 50
+    lr: PositiveFloat = 0.01
+    momentum: Momentum = 0.0  # authors' code: plain SGD
+    weight_decay: NonNegativeFloat = 0.0
+    chain: str = "shared"  # one chain stopping at each target; "per_target" = authors
+    include: list[str] = field(default_factory=lambda: ["*.weight"])
+    exclude: list[str] = field(default_factory=lambda: ["*shortcut*", "*bn*"])
 
 
 # -- what is pruned -------------------------------------------------------------------------
 def prunable_names(net: nn.Module, include: Sequence[str] | None = None,
                    exclude: Sequence[str] | None = None,
-                   exclude_skip_paths: bool | None = None) -> list[str]:
+                   skip_paths: Collection[str] = ()) -> list[str]:
     """Names of the conv and linear weights (ndim >= 2) that IMP prunes.
 
     A name must match an ``include`` pattern and no ``exclude`` pattern (fnmatch, on the
     names of ``net.named_parameters()``). Defaults: ``PruneSettings``' (all ``*.weight``, not
     ResNet shortcut convs, as in the authors' code). Biases and BatchNorm parameters are never
-    pruned: they are not conv/linear weights. ``exclude_skip_paths``: also leave out the convs
-    that the model's torch.fx graph shows alone on a residual skip path
-    (``symmetry.trace.skip_path_convs``, e.g. torchvision's ``layer2.0.downsample.0``): the
-    authors' shortcut rule for models whose names the default patterns do not know. None
-    (the default): on exactly for models without a hand-written ``permutation_spec()``,
-    i.e. models brought as a dotted path, whose graph is traced for their spec anyway; the
-    built-ins keep their name patterns (``*shortcut*``) and are never traced.
+    pruned: they are not conv/linear weights. ``skip_paths``: names of convs also left out,
+    as the caller finds them: for a model without a hand-written ``permutation_spec()`` the
+    experiment passes those its torch.fx graph shows alone on a residual skip path
+    (``experiment.stages.prunable_names``).
     """
-    if exclude_skip_paths is None:
-        exclude_skip_paths = not hasattr(net, "permutation_spec")
     defaults = PruneSettings()
     include = list(defaults.include if include is None else include)
     exclude = list(defaults.exclude if exclude is None else exclude)
@@ -86,11 +98,7 @@ def prunable_names(net: nn.Module, include: Sequence[str] | None = None,
         if weight is None or weight.ndim < 2:
             continue
         candidates.append(f"{module_name}.weight" if module_name else "weight")
-    skipped = set()
-    if exclude_skip_paths:
-        from lightning_lth.symmetry.trace import skip_path_convs  # torch.fx only when asked
-
-        skipped = {f"{name}.weight" for name in skip_path_convs(net)}
+    skipped = {f"{name}.weight" for name in skip_paths}
     names = [name for name in candidates if name not in skipped
              and any(fnmatch.fnmatchcase(name, p) for p in include)
              and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]

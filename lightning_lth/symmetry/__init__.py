@@ -24,12 +24,11 @@ from lightning_lth.symmetry.spec import (
     PermutationSpec,
     apply_permutation,
     check_spec,
-    get_spec,
     identity_permutation,
     invert_permutation,
     random_permutation,
 )
-from lightning_lth.symmetry.trace import derive_spec, skip_path_convs
+from lightning_lth.symmetry.trace import derive_spec, get_spec, skip_path_convs
 
 __all__ = [
     "METHODS",

@@ -37,7 +37,8 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from lightning_lth.errors import LTHError
 from lightning_lth.io import write_atomic
-from lightning_lth.symmetry.spec import PermutationSpec, apply_permutation, get_spec
+from lightning_lth.symmetry.spec import PermutationSpec, apply_permutation
+from lightning_lth.symmetry.trace import get_spec
 
 MIN_ALPHAS = 11
 PLAIN, BN_RESET, REPAIR = "plain", "bn_reset", "repair"

@@ -32,16 +32,16 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from lightning_lth.cuda_streams import WARMUP, on_side_stream
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
-from lightning_lth.graphs import WARMUP, on_side_stream
 from lightning_lth.symmetry.spec import (
     PermutationSpec,
     check_spec,
-    get_spec,
     identity_permutation,
     permute_axis,
 )
+from lightning_lth.symmetry.trace import get_spec, tap
 
 METHODS = ("activation", "weight")
 
@@ -373,8 +373,6 @@ def _readers(model_a, model_b, spec, sizes):
     per point instead (``trace.tap``: same modules and weights)."""
     points = {group: spec.points[group] for group in sizes}
     if any(point.node is not None for point in points.values()):
-        from lightning_lth.symmetry.trace import tap  # torch.fx only for such specs
-
         (run_a, taps_a), (run_b, taps_b) = tap(model_a, points), tap(model_b, points)
         return run_a, run_b, taps_a, taps_b
     modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())

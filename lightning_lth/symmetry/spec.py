@@ -9,7 +9,7 @@ residual stream. Each group also names its *matching point*, the module (or grap
 output carries the group's units, which activation matching reads (see ``matching.py``).
 
 A model may declare its own spec with a ``permutation_spec()`` method (the built-in ResNet20,
-VGG11 and MLP do); :func:`get_spec` asks the model for it, or else derives one from the model's
+VGG11 and MLP do); ``trace.get_spec`` asks the model for it, or else derives one from the model's
 torch.fx graph (``trace.py``), and :func:`check_spec` verifies any spec on any model by
 permuting a copy at random and comparing outputs.
 
@@ -147,26 +147,26 @@ class PermutationSpec:
         return self.group_sizes(state)
 
 
-def get_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
-    """The model's own spec (its ``permutation_spec()`` method), else one derived from its
-    torch.fx graph with ``example_input`` (a batch it accepts) and checked with
-    :func:`check_spec` (``trace.derive_spec``)."""
+def declared_spec(model: nn.Module) -> PermutationSpec | None:
+    """The model's own spec (its ``permutation_spec()`` method), or None if it declares none
+    (``trace.get_spec`` then derives one from its graph)."""
     declare = getattr(model, "permutation_spec", None)
     if declare is None:
-        if example_input is None:
-            raise LTHError(f"model {type(model).__name__} declares no permutation spec and no "
-                           f"example_input was given to derive one from its graph: pass "
-                           f"get_spec(model, example_input=<a batch>) or add a "
-                           f"permutation_spec() method returning a "
-                           f"lightning_lth.symmetry.PermutationSpec")
-        from lightning_lth.symmetry.trace import derive_spec  # trace imports this module
-
-        return derive_spec(model, example_input)
+        return None
     spec = declare()
     if not isinstance(spec, PermutationSpec):
         raise LTHError(f"{type(model).__name__}.permutation_spec() returned "
                        f"{type(spec).__name__}, expected a PermutationSpec")
     return spec
+
+
+def no_spec_error(model: nn.Module) -> LTHError:
+    """A model without a declared spec, and no example input to derive one with."""
+    return LTHError(f"model {type(model).__name__} declares no permutation spec and no "
+                    f"example_input was given to derive one from its graph: pass "
+                    f"get_spec(model, example_input=<a batch>) or add a "
+                    f"permutation_spec() method returning a "
+                    f"lightning_lth.symmetry.PermutationSpec")
 
 
 def _skipped(name: str) -> bool:
@@ -336,7 +336,10 @@ def check_spec(model: nn.Module, spec: PermutationSpec | None = None,
     and the message names the groups whose permutation changes the output.
     ``x`` defaults to 2 random samples of ``spec.check_input_shape``.
     """
-    spec = spec if spec is not None else get_spec(model)
+    if spec is None:
+        spec = declared_spec(model)
+        if spec is None:
+            raise no_spec_error(model)
     sizes = spec.validate(model)
     gen = torch.Generator().manual_seed(seed)
     device = next(iter(model.parameters()), torch.empty(0)).device

@@ -50,7 +50,9 @@ from lightning_lth.symmetry.spec import (
     MatchPoint,
     PermutationSpec,
     check_spec,
+    declared_spec,
     eval_mode,
+    no_spec_error,
 )
 
 FIXED = 0  # the union-find element of axes that are never permuted
@@ -615,3 +617,16 @@ def _most_convs(graph, model, order, start, end) -> int:
             if reached:
                 best[node] = max(reached) + _is_conv(node, model)
     return best.get(end, -1)
+
+
+def get_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
+    """The model's own spec (its ``permutation_spec()`` method), else one derived from its
+    torch.fx graph with ``example_input`` (a batch it accepts) and checked with
+    :func:`check_spec` (:func:`derive_spec`). Here beside the derivation it falls back to, so
+    ``spec.py`` (the spec's types) needs nothing from this module."""
+    spec = declared_spec(model)
+    if spec is not None:
+        return spec
+    if example_input is None:
+        raise no_spec_error(model)
+    return derive_spec(model, example_input)

@@ -17,13 +17,13 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_lth import module as module_file
+from lightning_lth.cuda_streams import WARMUP
 from lightning_lth.data import DeviceLoader
-from lightning_lth.graphs import WARMUP
 from lightning_lth.models import build_model
-from lightning_lth.module import LTHModule
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.matching import _GraphedPasses, activation_correlations
+from lightning_lth.training import module as module_file
+from lightning_lth.training.module import LTHModule
 
 ATOL = 1e-5  # after 2 epochs of 9 steps, lr 0.05: eager vs graphed fused SGD
 NO_CUDA = "needs a CUDA device: CUDA graphs are captured on a GPU only (none here)"

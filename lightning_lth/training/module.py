@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_lth.epoch_sums import EpochSums
 from lightning_lth.errors import LTHError
-from lightning_lth.graphs import GraphedStep
 from lightning_lth.io import load_tensors
 from lightning_lth.models import build_model
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.cuda_graphs import GraphedStep
+from lightning_lth.training.epoch_sums import EpochSums
 
 SCHEDULES = ("cosine", "constant")
 GRAPH_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")

@@ -172,9 +172,9 @@ def selects(arm: ArmStage, params: dict) -> bool:
 
 def build_graph(spec: GridSpec) -> GridGraph:
     """Parse each distinct config once (as ``experiment`` would), plan it, and merge."""
-    from lightning_lth.cli import make_cli
     from lightning_lth.experiment.progress import quiet_lightning
     from lightning_lth.experiment.runner import Runner
+    from lightning_lth.parsing import make_cli
 
     groups: dict[tuple, list[dict]] = {}
     for params in spec.cells():

@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from lightning_lth.errors import LTHError
-from lightning_lth.module import LTHModule, float_mask_pairs, hold_masks
+from lightning_lth.training.module import LTHModule, float_mask_pairs, hold_masks
 
 # The hyperparameters members must share to train as one model.
 SHARED = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs", "lr",

@@ -21,20 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lth.epoch_sums import EpochSums
-
-WARMUP = 3  # eager steps before the capture
-
-
-def on_side_stream(device: torch.device, fn, *args):
-    """``fn(*args)`` on a fresh CUDA stream, ordered after the current stream's work and before
-    its next: the eager runs before a capture go off the capture's stream."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        out = fn(*args)
-    torch.cuda.current_stream(device).wait_stream(side)
-    return out
+from lightning_lth.cuda_streams import WARMUP, on_side_stream
+from lightning_lth.training.epoch_sums import EpochSums
 
 
 class GraphedStep:
