@@ -10,14 +10,19 @@ The modules, by concern:
 
 - ``aggregate``: what tables and figures both compute from the records (the arms in order,
   mean ± std over seeds, the (sparsity, method, k) cells).
-- ``plots``: every figure.
+- ``plots``: every figure, the report's and the match stage's interpolation.png.
 - ``load``: results.jsonl and W&B reading, record validation, the arms' CSV logs and the
   connectivity files from the store.
 - ``tables``: the accuracy, barrier, matching and cost tables, the CSV rows, markdown.
 - ``page``: report.md and report.html from one list of blocks.
 - ``write``: write_report (the blocks, the files) and main, the ``report`` command.
 
-The package imports none of them: ``main`` imports ``write`` when called.
+Layers: ``plots`` and the ``aggregate`` it draws on sit low, on the foundations (errors, io)
+and matplotlib only, because the match stage (experiment/stages.py) draws interpolation.png
+with ``plots`` and experiment/ is below report/. The other modules sit at the top (``load``
+and ``write`` read experiment.results, ``tables`` experiment.store). So this file imports
+none of them: importing ``lightning_lth.report.plots`` from the match stage must not pull in
+``load`` -> experiment, an import circle; ``main`` imports ``write`` when called.
 """
 
 from __future__ import annotations

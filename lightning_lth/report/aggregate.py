@@ -1,5 +1,8 @@
 """What the tables and the figures both compute from the records (plain dicts): the arms in
-their order and their labels, mean ± std over seeds, the (sparsity, method, k) cells."""
+their order and their labels, mean ± std over seeds, the (sparsity, method, k) cells.
+
+Imports nothing from lightning_lth: plots.py builds on it, and plots.py must stay importable
+from the match stage (see the package docstring)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
-"""Every figure of the report, as PNG: accuracy vs k, vs sparsity, vs the matching epoch, pi's
-agreement, the interpolation curves, each arm's epochs, the study's cost.
+"""Every figure the study draws, as PNG: the report's (accuracy vs k, vs sparsity, vs the
+matching epoch, pi's agreement, the interpolation curves, each arm's epochs, the study's cost)
+and the match stage's interpolation.png.
 
 Figures are drawn from plain numbers and dicts (records, curves, tables), rendered with Agg
-directly: no pyplot, so no global backend or figure-registry state."""
+directly: no pyplot, so no global backend or figure-registry state. This module imports
+nothing from lightning_lth but the foundations (errors, io) and report.aggregate, so the
+match stage (experiment/, below report/) can draw with it without an import circle."""
 
 from __future__ import annotations
 
@@ -10,12 +13,15 @@ import io
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lightning_lth.errors import LTHError
+from lightning_lth.io import write_atomic
 from lightning_lth.report.aggregate import (
     LABELS,
     Table,
@@ -264,3 +270,40 @@ def plot_cost(table: Table) -> bytes:
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("study cost per stage kind")
     return _png(fig)
+
+
+# colour and name per correction (symmetry.connectivity.CORRECTIONS, here as the strings the
+# curves carry: this module may not import symmetry)
+_STYLES = {"plain": ("tab:gray", "plain"), "bn_reset": ("tab:blue", "BN reset"),
+           "repair": ("tab:green", "REPAIR")}
+
+
+def plot_interpolation(comparison: Mapping, path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG: test accuracy and test loss vs alpha, naive (A -> B, dashed) and matched
+    (pi(A) -> B, solid), one colour per correction in ``comparison["curves"]`` (the output
+    of symmetry.connectivity.compare_naive_matched); the match stage's interpolation.png.
+    Written atomically."""
+    fig = Figure(figsize=(11, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    for correction, sides in comparison["curves"].items():
+        color, name = _STYLES[correction]
+        for side, label, style in (("naive", "A -> B", "o--"), ("matched", "pi(A) -> B", "s-")):
+            curve = sides[side]
+            ax_acc.plot(curve["alphas"], [100 * a for a in curve["acc"]], style, color=color,
+                        label=f"{name} {label} (error barrier "
+                              f"{100 * curve['error_barrier']:.1f} pt)")
+            ax_loss.plot(curve["alphas"], curve["loss"], style, color=color,
+                         label=f"{name} {label} (loss barrier {curve['loss_barrier']:.3f})")
+    ax_acc.set(xlabel="alpha", ylabel="test accuracy (%)", title="accuracy")
+    ax_loss.set(xlabel="alpha", ylabel="test loss", title="loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    data = _png(fig, dpi=100, tight_bbox=False)
+    path = Path(path)
+    write_atomic(path, lambda handle: handle.write(data))
+    return path
