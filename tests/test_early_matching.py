@@ -19,7 +19,7 @@ from lightning_lth.experiment.stages import load_perm
 from lightning_lth.io import load_json, load_tensors
 from lightning_lth.models.mlp import MLP
 from lightning_lth.parsing import make_cli
-from lightning_lth.report import write_report
+from lightning_lth.report.write import write_report
 from lightning_lth.symmetry.spec import apply_permutation
 
 

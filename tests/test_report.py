@@ -1,4 +1,4 @@
-"""report.py: the paper-style tables hold the right numbers, bad lines are reported not fatal,
+"""report/: the paper-style tables hold the right numbers, bad lines are reported not fatal,
 the figures are real PNGs, and report.html (the dashboard) is report.md's tables and figures
 on one self-contained page."""
 
@@ -21,6 +21,16 @@ from test_experiment import NO_WANDB, tiny_config
 
 from lightning_lth import report
 from lightning_lth.errors import LTHError
+from lightning_lth.report.aggregate import LABELS, METHODS
+from lightning_lth.report.load import (
+    arm_curves,
+    load_connectivity,
+    load_records,
+    load_wandb_records,
+)
+from lightning_lth.report.plots import plot_group_interpolation
+from lightning_lth.report.tables import accuracy_table, barrier_table, group_records
+from lightning_lth.report.write import write_report
 
 SEEDS = (0, 1, 2)
 SPARSITIES = (0.8, 0.9)
@@ -52,7 +62,7 @@ def record(tmp_path, method="lth", sparsity=0.8, k=0, seed=0, width=1, **over):
 
 def all_records(tmp_path, width=1, seeds=SEEDS):
     return [record(tmp_path, m, s, k, seed, width)
-            for seed in seeds for s in SPARSITIES for k in KS for m in report.METHODS]
+            for seed in seeds for s in SPARSITIES for k in KS for m in METHODS]
 
 
 def write_jsonl(path, lines):
@@ -87,7 +97,7 @@ def built(tmp_path_factory):
     conn.parent.mkdir(parents=True)
     conn.write_text(json.dumps({"naive": curve, "matched": {**curve, "acc": [0.9, 0.85, 0.9]}}))
     recs = all_records(tmp, 1) + all_records(tmp, 2, seeds=(0,))
-    paths = report.write_report(recs, tmp / "out")
+    paths = write_report(recs, tmp / "out")
     return tmp / "out", paths
 
 
@@ -98,12 +108,12 @@ def test_markdown_and_csv_hold_means_stds_and_bold_the_best(built):
     rows = table_rows(w1)
     for s in SPARSITIES:
         for ki, k in enumerate(KS):
-            means = {m: expected_cell(m, s, k)[0] for m in report.METHODS}
+            means = {m: expected_cell(m, s, k)[0] for m in METHODS}
             best = max(means, key=means.get)
-            for m in report.METHODS:
+            for m in METHODS:
                 mean, std = expected_cell(m, s, k)
                 text = f"{100 * mean:.2f} ± {100 * std:.2f}"
-                cell = rows[(f"{100 * s:g}%", report._LABELS[m])][ki]
+                cell = rows[(f"{100 * s:g}%", LABELS[m])][ki]
                 assert cell == (f"**{text}**" if m == best else text), (s, k, m, cell)
     assert rows[("90%", "permuted")][1].startswith("**")  # the planted winner over LTH
     assert "Dense accuracy: 92.10 ± 0.10 (n=3)" in md
@@ -151,7 +161,7 @@ def test_pngs_exist_and_are_valid_images(built):
 def test_uneven_seed_counts_show_n(tmp_path):
     recs = [r for r in all_records(tmp_path)
             if not (r["seed"] == 2 and r["method"] == "naive" and r["rewind_epoch"] == 5)]
-    rows = table_rows(report.accuracy_table(recs))
+    rows = table_rows(accuracy_table(recs))
     assert rows[("80%", "naive")][1].endswith("(n=2)")
     assert "(n=" not in rows[("80%", "naive")][0]
     mean, std = expected_cell("naive", 0.8, 5, seeds=(0, 1))
@@ -188,20 +198,21 @@ def test_repair_barriers_get_their_columns_and_curves_and_older_records_still_lo
     old = record(tmp_path, width=2, seed=0)
     recs = [record(tmp_path, seed=seed, **repaired) for seed in (0, 1)] + [old]
     lines = write_jsonl(tmp_path / "results.jsonl", recs)
-    loaded, bad, notes = report.load_records(lines)
+    loaded, bad, notes = load_records(lines)
     assert not bad and not notes and len(loaded) == 3
-    table = report.barrier_table(report._groups(loaded))
+    table = barrier_table(group_records(loaded))
     assert "REPAIR loss barrier after" in table.splitlines()[0]
     w1 = next(line for line in table.splitlines() if "| ×1 |" in line)
     assert w1.endswith("| 0.900 ± 0.000 | 0.020 ± 0.000 | 30.00 ± 0.00 | 1.00 ± 0.00 | 2 |")
     w2 = next(line for line in table.splitlines() if "| ×2 |" in line)
     assert w2.endswith("| – | – | – | – | 1 |")
-    png, notes = report.plot_interpolation(recs[:1], "t")
+    curves, notes = load_connectivity(recs[:1])
+    png = plot_group_interpolation(curves, "t")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and not notes
     conn.write_text(json.dumps({"naive": curve, "matched": curve,
                                 "curves": {"repair": {"naive": curve}}}))
-    _, notes = report.plot_interpolation(recs[:1], "t")
-    assert any("curves.repair.matched" in note for note in notes)
+    curves, notes = load_connectivity(recs[:1])
+    assert not curves and any("curves.repair.matched" in note for note in notes)
 
 
 def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
@@ -217,7 +228,7 @@ def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
              "[1, 2]",                                     # 7 not an object
              ""] + good[1:] + [good[0]]                    # blank line skipped; rerun of line 1
     path = write_jsonl(tmp_path / "results.jsonl", lines)
-    records, bad, notes = report.load_records(path)
+    records, bad, notes = load_records(path)
     assert len(records) == len(good)
     by_line = {p.split(":")[0]: p for p in bad + notes}
     assert [p.split(":")[0] for p in bad] == ["line 2", "line 3", "line 4", "line 5", "line 6",
@@ -242,7 +253,7 @@ def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
 
 def test_missing_or_empty_inputs_raise_one_line_errors(tmp_path):
     with pytest.raises(LTHError, match="results file not found"):
-        report.load_records(tmp_path / "nope.jsonl")
+        load_records(tmp_path / "nope.jsonl")
     with pytest.raises(LTHError, match="no valid records"):
         report.main(str(write_jsonl(tmp_path / "r.jsonl", ["{bad"])), str(tmp_path / "o"),
                     skip_bad_lines=True)
@@ -274,7 +285,7 @@ def test_wandb_records_and_unreachable_api(tmp_path, monkeypatch):
             return [run_ok, run_bad]
 
     monkeypatch.setitem(__import__("sys").modules, "wandb", types.SimpleNamespace(Api=Api))
-    records, problems = report.load_wandb_records("proj", "me")
+    records, problems = load_wandb_records("proj", "me")
     assert seen["path"] == "me/proj" and records == [rec]
     assert len(problems) == 1 and problems[0].startswith("run xyz: missing")
 
@@ -299,7 +310,7 @@ def test_two_configurations_in_one_store_get_one_table_each(tmp_path, capsys):
     assert "(configuration c0ffee)" in md and "(configuration beef00)" in md
     rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
     assert {r["config_hash"] for r in rows} == {"c0ffee", "beef00"}
-    assert len(rows) == 2 * len(SPARSITIES) * len(KS) * len(report.METHODS)
+    assert len(rows) == 2 * len(SPARSITIES) * len(KS) * len(METHODS)
     cell = {(r["config_hash"], r["method"], r["sparsity"], r["rewind_epoch"]):
             float(r["test_acc_mean"]) for r in rows}
     mean, _ = expected_cell("lth", 0.8, 0)
@@ -426,7 +437,7 @@ def test_arm_curves_are_labelled_with_their_split(tmp_path):
         if val_split is not None:
             (logs.parent / "result.json").write_text(json.dumps({"val_split": val_split}))
         recs.append(record(tmp_path, k=k, key=key))
-    curves, notes = report.arm_curves(recs + [record(tmp_path, key="gone")], tmp_path)
+    curves, notes = arm_curves(recs + [record(tmp_path, key="gone")], tmp_path)
     assert curves == {"a": ("test", [(6, 0.6), (7, 0.7)]),
                       "b": ("validation", [(1, 0.6), (2, 0.7)]),
                       "c": ("val/acc", [(1, 0.6), (2, 0.7)])}

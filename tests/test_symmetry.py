@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lth.errors import LTHError
 from lightning_lth.models import build_model
+from lightning_lth.report.plots import plot_interpolation
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry import (
     PermutationSpec,
@@ -24,7 +25,6 @@ from lightning_lth.symmetry import (
     interpolation_curve,
     invert_permutation,
     match,
-    plot_interpolation,
     random_permutation,
 )
 from lightning_lth.symmetry.connectivity import barrier, make_alphas

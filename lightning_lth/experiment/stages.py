@@ -31,10 +31,11 @@ from lightning_lth.experiment.keys import digest
 from lightning_lth.experiment.store import CHECKPOINTS, SETTINGS
 from lightning_lth.io import load_json, load_tensors, save_json, save_tensors
 from lightning_lth.models import example_input
+from lightning_lth.report.plots import plot_interpolation
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.imp import PruneSettings
 from lightning_lth.sparsity.mask import Mask
-from lightning_lth.symmetry.connectivity import compare_naive_matched, plot_interpolation
+from lightning_lth.symmetry.connectivity import compare_naive_matched
 from lightning_lth.symmetry.matching import activation_correlations, match, matched_correlation
 from lightning_lth.symmetry.spec import apply_permutation
 from lightning_lth.symmetry.trace import get_spec, skip_path_convs

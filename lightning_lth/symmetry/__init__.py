@@ -15,7 +15,6 @@ from lightning_lth.symmetry.connectivity import (
     has_batchnorm,
     interpolate_state,
     interpolation_curve,
-    plot_interpolation,
     recompute_bn_stats,
 )
 from lightning_lth.symmetry.matching import METHODS, activation_match, match, weight_match
@@ -48,7 +47,6 @@ __all__ = [
     "interpolation_curve",
     "invert_permutation",
     "match",
-    "plot_interpolation",
     "random_permutation",
     "recompute_bn_stats",
     "skip_path_convs",

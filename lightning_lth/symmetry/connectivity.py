@@ -19,15 +19,13 @@ BatchNorm and ``plain`` otherwise. ``interpolation_curve`` returns a JSON-able d
 ``{alphas, loss, acc, loss_barrier, error_barrier, correction, bn_recomputed}`` (and
 ``repaired``, the corrected layers, for REPAIR);
 ``compare_naive_matched`` computes the naive (A -> B) and matched (pi(A) -> B) curves under
-every correction that applies; ``plot_interpolation`` writes them as a PNG.
+every correction that applies (report.plots.plot_interpolation draws them).
 """
 
 from __future__ import annotations
 
 import copy
-import io as _bytes_io
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +34,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from lightning_lth.errors import LTHError
-from lightning_lth.io import write_atomic
 from lightning_lth.symmetry.spec import PermutationSpec, apply_permutation
 from lightning_lth.symmetry.trace import get_spec
 
@@ -476,43 +473,3 @@ def compare_naive_matched(model: nn.Module, state_a: Mapping[str, torch.Tensor],
             "every layer writing permuted units feeds a BatchNorm, so REPAIR is the BatchNorm "
             "reset (the same curve as bn_reset)")
     return {**curves[default], "default": default, "curves": curves, "about": about}
-
-
-_STYLES = {PLAIN: ("tab:gray", "plain"), BN_RESET: ("tab:blue", "BN reset"),
-           REPAIR: ("tab:green", "REPAIR")}
-
-
-def plot_interpolation(comparison: Mapping, path: str | Path, title: str | None = None) -> Path:
-    """Write a PNG: test accuracy and test loss vs alpha, naive (A -> B, dashed) and matched
-    (pi(A) -> B, solid), one colour per correction in ``comparison["curves"]`` (the output
-    of :func:`compare_naive_matched`). Rendered off-screen (Agg) to bytes, then written
-    atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax_acc, ax_loss = fig.subplots(1, 2)
-    for correction, sides in comparison["curves"].items():
-        color, name = _STYLES[correction]
-        for side, label, style in (("naive", "A -> B", "o--"), ("matched", "pi(A) -> B", "s-")):
-            curve = sides[side]
-            ax_acc.plot(curve["alphas"], [100 * a for a in curve["acc"]], style, color=color,
-                        label=f"{name} {label} (error barrier "
-                              f"{100 * curve['error_barrier']:.1f} pt)")
-            ax_loss.plot(curve["alphas"], curve["loss"], style, color=color,
-                         label=f"{name} {label} (loss barrier {curve['loss_barrier']:.3f})")
-    ax_acc.set(xlabel="alpha", ylabel="test accuracy (%)", title="accuracy")
-    ax_loss.set(xlabel="alpha", ylabel="test loss", title="loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    buffer = _bytes_io.BytesIO()
-    fig.savefig(buffer, format="png")
-    data = buffer.getvalue()
-    path = Path(path)
-    write_atomic(path, lambda handle: handle.write(data))
-    return path
