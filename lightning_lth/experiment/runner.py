@@ -8,6 +8,7 @@ loggers and resume points, the store and W&B.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable
@@ -58,6 +59,16 @@ RUNNER_SETS = ("logger", "callbacks", "max_epochs", "default_root_dir", "enable_
                "enable_progress_bar", "enable_model_summary", "plugins")
 
 
+def _is_rewind_snapshots(class_path: str) -> bool:
+    """Whether a config's callback class path names RewindSnapshots (or a subclass)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(found, type) and issubclass(found, RewindSnapshots)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written through a temporary file + rename: kill -9 safe."""
 
@@ -96,14 +107,23 @@ class Runner:
     def _check_callbacks(self) -> None:
         """A study sets each stage's callbacks itself: a config's RewindSnapshots (for `fit`)
         is accepted only where it asks for the snapshots the study saves anyway, and any
-        other callback is refused (the stages would ignore it without a word)."""
+        other callback the config names is refused (the stages would ignore it without a
+        word). What Lightning adds to the list itself (checkpointing, the config saver) is
+        not the user's."""
+        named = self.config["trainer"].get("callbacks") or []
+        for entry in named if isinstance(named, list) else [named]:
+            path = entry.get("class_path", "") if isinstance(entry, dict) else str(entry)
+            if not _is_rewind_snapshots(path):
+                name = path.rpartition(".")[2] or repr(entry)
+                raise LTHError(f"trainer.callbacks has {name}, "
+                               f"which a study would ignore: its stages run their own "
+                               f"callbacks (snapshots, resume points, progress); drop it for "
+                               f"study commands (it is for `fit`; RewindSnapshots is "
+                               f"accepted)")
         wanted = sorted(set(self.study.rewind_epochs))
         for callback in self.fit_callbacks:
             if not isinstance(callback, RewindSnapshots):
-                raise LTHError(f"trainer.callbacks has {type(callback).__name__}, which a study "
-                               f"would ignore: its stages run their own callbacks (snapshots, "
-                               f"resume points, progress); drop it for study commands (it is "
-                               f"for `fit`; RewindSnapshots is accepted)")
+                continue
             epochs = check_rewind_epochs(callback.epochs, self.epochs)
             if epochs != wanted:
                 raise LTHError(f"trainer.callbacks has RewindSnapshots(epochs={epochs}), but a "
