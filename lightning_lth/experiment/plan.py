@@ -28,7 +28,6 @@ from lightning_lth.data import dataset_info
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
 from lightning_lth.experiment.config import (
-    MATCH_METHODS,
     SEED_MAX,
     MatchSettings,
     OnlyCells,
@@ -54,6 +53,7 @@ from lightning_lth.io import file_sha256
 from lightning_lth.models import build_model, check_forward
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.imp import PruneSettings
+from lightning_lth.symmetry.matching import METHODS as MATCH_METHODS
 from lightning_lth.symmetry.trace import get_spec
 from lightning_lth.training.callbacks import check_rewind_epochs
 
@@ -176,7 +176,7 @@ def match_suffix(method: str, pair: tuple[int, int], epochs: int) -> str:
     ``@b{j}`` (A at T), ``@a{i}b{j}``, then ``[method]``; empty for the paper's own."""
     a, b = pair
     where = "" if pair == (epochs, epochs) else f"@b{b}" if a == epochs else f"@a{a}b{b}"
-    return where + ("" if method == MATCH_METHODS[0] else f"[{method}]")
+    return where + ("" if method == next(iter(MATCH_METHODS)) else f"[{method}]")
 
 
 def _check_study(config: dict, study: Study, epochs: int) -> None:
