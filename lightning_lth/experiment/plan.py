@@ -393,7 +393,7 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
                 if only.arm is not None and name != only.arm:
                     continue
                 arm = ARMS[name]
-                for matching in chosen if arm.permuted else [None]:
+                for matching in chosen if arm.needs_match else [None]:
                     shown = name + (matching.suffix if matching else "")
                     plan.arms.append(keyed(ArmStage(
                         name=f"arm {shown} S={sparsity} k={k}",

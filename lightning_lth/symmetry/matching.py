@@ -43,6 +43,7 @@ from lightning_lth.symmetry.spec import (
 )
 from lightning_lth.symmetry.trace import get_spec, tap
 
+
 def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None,
           method: str = "activation", batches: Iterable | None = None,
           num_batches: int | None = None, seed: int = 0, eps: float = 1e-4,
