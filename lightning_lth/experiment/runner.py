@@ -143,8 +143,7 @@ class Runner:
     def trainer(self, stage: Stage, work: Path, max_epochs: int, callbacks=(),
                 wandb_config: dict | None = None) -> L.Trainer:
         loggers = [CSVLogger(work, name=stage.LOGS, version="")]
-        wandb = self.tracking.logger(stage, stage.kind if not isinstance(stage, ArmStage)
-                                     else stage.shown, wandb_config or {})
+        wandb = self.tracking.logger(stage, stage.shown, wandb_config or {})
         loggers += [wandb] if wandb is not None else []
         return self._trainer([stage], work, max_epochs, callbacks, loggers)
 

@@ -141,6 +141,7 @@ def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Stage(ABC):
     kind: ClassVar[str] = ""
     LOGS: ClassVar[str] = "logs"  # the CSV logger's folder (Lightning writes metrics.csv there)
+    IN_SWEEP: ClassVar[bool] = False  # logs into a `wandb agent`'s run (a sweep's cell)
     name: str  # readable and stable: "dense A", "imp round 3", "arm permuted S=0.9 k=2"
     label: str  # the readable part of the key
     key: str = ""  # set by the plan
@@ -159,6 +160,11 @@ class Stage(ABC):
 
     def reads(self) -> tuple[Stage, ...]:
         return ()
+
+    @property
+    def shown(self) -> str:
+        """Its name in W&B runs (and an arm's in records and reports)."""
+        return self.kind
 
     @abstractmethod
     def what(self) -> str:
@@ -481,6 +487,7 @@ class ArmStage(Stage):
     MASK: ClassVar[str] = "mask.pt"  # the mask it trained with
     WEIGHTS: ClassVar[str] = "final.pt"  # after its T - k epochs
     RESULT: ClassVar[str] = "result.json"  # what its record is made from
+    IN_SWEEP: ClassVar[bool] = True
     arm: ArmSpec
     seed: int
     sparsity: float
