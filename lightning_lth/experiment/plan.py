@@ -7,8 +7,9 @@
     imp                   one stage per IMP round; each reads the round before it
     match                 pi between A and B at one epoch pair, by one method, and the
                           interpolation; one stage per study.match.epochs x methods
-    arm                   arm registry entry x sparsity x k, T - k epochs; the permuted arm
-                          once per match stage (``permuted@b1``, ``permuted[weight]``)
+    arm                   arm registry entry x sparsity x k, T - k epochs; an arm that
+                          needs a pi (``needs_match``: the permuted arm) once per match stage
+                          (``permuted@b1``, ``permuted[weight]``)
 
 Every input is checked here, before any stage starts: a refused study leaves nothing behind.
 """
