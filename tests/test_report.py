@@ -21,7 +21,6 @@ from test_experiment import NO_WANDB, tiny_config
 
 from lightning_lth import report
 from lightning_lth.errors import LTHError
-from lightning_lth.report.aggregate import LABELS, METHODS
 from lightning_lth.report.load import (
     arm_curves,
     load_connectivity,
@@ -32,6 +31,8 @@ from lightning_lth.report.plots import plot_group_interpolation
 from lightning_lth.report.tables import accuracy_table, barrier_table, group_records
 from lightning_lth.report.write import write_report
 
+METHODS = ("lth", "naive", "permuted")  # the package's arms (experiment.stages.ARMS)
+LABELS = {"lth": "LTH", "naive": "naive", "permuted": "permuted"}  # as the report shows them
 SEEDS = (0, 1, 2)
 SPARSITIES = (0.8, 0.9)
 KS = (0, 5)

@@ -17,9 +17,6 @@ from lightning_lth.sparsity.imp import PruneSettings  # IMP owns its settings
 
 SEED_MAX = 2**32 - 1  # numpy's, which seed_everything seeds too
 
-MATCH_METHODS = ("activation", "weight")
-
-
 @dataclass
 class MatchSettings:
     """How pi is found: one match stage per (method, matching epoch), one permuted arm each.

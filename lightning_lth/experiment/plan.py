@@ -7,8 +7,9 @@
     imp                   one stage per IMP round; each reads the round before it
     match                 pi between A and B at one epoch pair, by one method, and the
                           interpolation; one stage per study.match.epochs x methods
-    arm                   arm registry entry x sparsity x k, T - k epochs; the permuted arm
-                          once per match stage (``permuted@b1``, ``permuted[weight]``)
+    arm                   arm registry entry x sparsity x k, T - k epochs; an arm that
+                          needs a pi (``needs_match``: the permuted arm) once per match stage
+                          (``permuted@b1``, ``permuted[weight]``)
 
 Every input is checked here, before any stage starts: a refused study leaves nothing behind.
 """
@@ -28,7 +29,6 @@ from lightning_lth.data import dataset_info
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
 from lightning_lth.experiment.config import (
-    MATCH_METHODS,
     SEED_MAX,
     MatchSettings,
     OnlyCells,
@@ -54,6 +54,7 @@ from lightning_lth.io import file_sha256
 from lightning_lth.models import build_model, check_forward
 from lightning_lth.sparsity import imp
 from lightning_lth.sparsity.imp import PruneSettings
+from lightning_lth.symmetry.matching import METHODS as MATCH_METHODS
 from lightning_lth.symmetry.trace import get_spec
 from lightning_lth.training.callbacks import check_rewind_epochs
 
@@ -176,7 +177,7 @@ def match_suffix(method: str, pair: tuple[int, int], epochs: int) -> str:
     ``@b{j}`` (A at T), ``@a{i}b{j}``, then ``[method]``; empty for the paper's own."""
     a, b = pair
     where = "" if pair == (epochs, epochs) else f"@b{b}" if a == epochs else f"@a{a}b{b}"
-    return where + ("" if method == MATCH_METHODS[0] else f"[{method}]")
+    return where + ("" if method == next(iter(MATCH_METHODS)) else f"[{method}]")
 
 
 def _check_study(config: dict, study: Study, epochs: int) -> None:
@@ -393,7 +394,7 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
                 if only.arm is not None and name != only.arm:
                     continue
                 arm = ARMS[name]
-                for matching in chosen if arm.permuted else [None]:
+                for matching in chosen if arm.needs_match else [None]:
                     shown = name + (matching.suffix if matching else "")
                     plan.arms.append(keyed(ArmStage(
                         name=f"arm {shown} S={sparsity} k={k}",

@@ -134,29 +134,6 @@ class Estimator:
         return left
 
 
-def what(stage) -> str:
-    """One line on what a stage computes, for the plan's table."""
-    if stage.kind == "dense":
-        saves = ",".join(map(str, stage.save_epochs))
-        return f"net {stage.role} from seed {stage.seed}, snapshots at k={saves}"
-    if stage.kind == "snapshot":
-        if stage.continuable:
-            return (f"dense {stage.dense.role} only up to epoch {stage.epoch} of "
-                    f"{stage.dense.epochs}, snapshots at k={','.join(map(str, stage.saves))}")
-        return f"dense {stage.dense.role} again up to its epoch-{stage.epoch} snapshot"
-    if stage.kind == "imp":
-        if stage.step == 0:
-            return "round 0: dense A with every weight kept"
-        return f"prune to {stage.zeros}/{stage.prunable} zeros, then train with the mask"
-    if stage.kind == "match":
-        return (f"pi ({stage.method}) from A at epoch {stage.a_epoch} to B at epoch "
-                f"{stage.b_epoch}; interpolation before/after, barriers")
-    if stage.kind == "arm":
-        mask = "A's IMP mask permuted into B" if stage.arm.permuted else "A's IMP mask"
-        return f"{stage.arm.init}'s epoch-{stage.rewind_epoch} weights, {mask}"
-    return stage.kind
-
-
 def plan_table(stages: Sequence, status: Callable[[object], str],
                times: dict[tuple[str, str], float],
                action: Callable[[object], tuple[str, str]]) -> str:
@@ -187,8 +164,7 @@ def plan_table(stages: Sequence, status: Callable[[object], str],
         else:
             estimate = estimator.estimate(stage.kind, stage.epochs)
             seconds = "?" if estimate is None else f"~{duration(estimate)}"
-        rows.append((stage.name, what(stage), state, str(stage.epochs), seconds,
-                     f"{verb}: {why}" if why else verb))
+        rows.append(stage.plan_row(state, seconds, f"{verb}: {why}" if why else verb))
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
     lines = ["  ".join(cell.rjust(w) if i in (3, 4) else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()

@@ -30,6 +30,7 @@ from lightning_lth.experiment.stages import (
     ArmGroup,
     ArmStage,
     DenseStage,
+    ImpRound,
     MatchStage,
     Stage,
     WeightsRef,
@@ -131,7 +132,7 @@ class Runner:
                                f"set the two equal or drop the callback")
 
     def _saved_epochs(self, key: str) -> list[int] | None:
-        metrics = self.store.root / DenseStage.kind / key / "metrics.json"
+        metrics = self.store.root / DenseStage.kind / key / DenseStage.METRICS
         return load_json(metrics)["saved_epochs"] if metrics.is_file() else None
 
     def _check_files(self, plan: Plan) -> None:
@@ -161,9 +162,8 @@ class Runner:
 
     def trainer(self, stage: Stage, work: Path, max_epochs: int, callbacks=(),
                 wandb_config: dict | None = None) -> L.Trainer:
-        loggers = [CSVLogger(work, name="logs", version="")]
-        wandb = self.tracking.logger(stage, stage.kind if not isinstance(stage, ArmStage)
-                                     else stage.shown, wandb_config or {})
+        loggers = [CSVLogger(work, name=stage.LOGS, version="")]
+        wandb = self.tracking.logger(stage, stage.shown, wandb_config or {})
         loggers += [wandb] if wandb is not None else []
         return self._trainer([stage], work, max_epochs, callbacks, loggers)
 
@@ -271,10 +271,10 @@ class Runner:
         curves = self._curves(final)
         repair = (curves or {}).get("curves", {}).get("repair")  # None: REPAIR not computed
         reached = {"a": True, "b": plan.b_until == self.epochs}
-        dense = {role: load_json(self.store.path(stage) / "metrics.json")["test_acc"]
+        dense = {role: load_json(self.store.path(stage) / DenseStage.METRICS)["test_acc"]
                  if reached[role] else None
                  for role, stage in (("a", plan.dense_a), ("b", plan.dense_b))}
-        pruned = load_json(self.store.path(arm.round) / "metrics.json")["test_acc"]
+        pruned = load_json(self.store.path(arm.round) / ImpRound.METRICS)["test_acc"]
         shown = final or arm.matching
         return Record(
             model=model["arch"], dataset=self.config["data"]["dataset"], width=model["width"],
@@ -283,7 +283,7 @@ class Runner:
             test_loss=result["test_loss"], dense_acc_a=dense["a"], dense_acc_b=dense["b"],
             pruned_acc_a=pruned,
             **{f"barrier_{name}": value for name, value in self._barriers(curves).items()},
-            connectivity=str((self.store.path(shown) / "connectivity.json").resolve())
+            connectivity=str((self.store.path(shown) / MatchStage.CONNECTIVITY).resolve())
             if shown else None,
             wall_time_s=result["wall_time_s"], key=arm.key,
             config_hash=keys.config_hash(self.config), num_threads=result["num_threads"],
@@ -295,7 +295,7 @@ class Runner:
             **(self._match_fields(arm.matching, plan) if arm.matching else {}))
 
     def _curves(self, matching: MatchStage | None) -> dict | None:
-        return load_json(self.store.path(matching) / "connectivity.json") if matching else None
+        return load_json(self.store.path(matching) / MatchStage.CONNECTIVITY) if matching else None
 
     @staticmethod
     def _barriers(curves: dict | None) -> dict:
@@ -307,13 +307,13 @@ class Runner:
     def _match_fields(self, matching: MatchStage, plan: Plan) -> dict:
         """A permuted arm's own pi: where it was found, how good it is, and the nets there."""
         folder = self.store.path(matching)
-        quality = load_json(folder / "quality.json")
+        quality = load_json(folder / MatchStage.QUALITY)
         final = next((m for m in plan.matches if m.method == matching.method
                       and (m.a_epoch, m.b_epoch) == (self.epochs, self.epochs)), None)
         agreement = None
         if final is not None and plan.b_until == self.epochs:
-            agreement = perm_agreement(load_perm(folder / "perm.pt"),
-                                       load_perm(self.store.path(final) / "perm.pt"))
+            agreement = perm_agreement(load_perm(folder / MatchStage.PERM),
+                                       load_perm(self.store.path(final) / MatchStage.PERM))
         return {"match_method": matching.method, "match_epoch_a": matching.a_epoch,
                 "match_epoch_b": matching.b_epoch, "acc_b_at_match": quality["acc_b"],
                 **{f"barrier_{name}_at_match": value
@@ -330,7 +330,7 @@ class Runner:
             self.run(stage)
         records = []
         for arm in plan.arms:
-            record = self.record(arm, load_json(self.run(arm) / "result.json"))
+            record = self.record(arm, load_json(self.run(arm) / ArmStage.RESULT))
             if self.dist.is_writer:
                 append_record(Path(self.study.store) / RESULTS_FILE, record)
             records.append(record)

@@ -5,7 +5,13 @@ its kind depends on and the numerics versions of the code its compute runs (its
 ``components`` row of ``numerics.DEPENDS``); the identity names the keys of whatever it reads,
 so a stage's key changes whenever anything upstream does. ``compute(ctx, work, resume)`` writes the outputs
 into ``work`` (the store seals them) and continues from the Lightning checkpoint ``resume``
-when there is one. ``ctx`` is the runner: data, modules, trainers, the store and W&B.
+when there is one. ``ctx`` is the runner, seen through ``StageContext``: data, modules,
+trainers, the store and W&B.
+
+Each stage class is the one source of truth for its outputs' file names (its upper-case class
+attributes, which every reader uses), its line in the plan's table (``what``) and the row
+(``plan_row``). The arms are a registry (``ARMS``): an entry carries its label and colour for
+the report and the function that makes its mask, so an arm is one entry and one function.
 
 Data order: each training stage draws its batches from its own identity (``order``): dense
 nets from their seed, an IMP round from (seed, round, pruned count), an arm from (seed, k).
@@ -18,17 +24,23 @@ from __future__ import annotations
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_lth.data import LTHDataModule
+from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
+from lightning_lth.experiment.config import Study
 from lightning_lth.experiment.keys import digest
-from lightning_lth.experiment.store import CHECKPOINTS, SETTINGS
+from lightning_lth.experiment.results import Record
+from lightning_lth.experiment.store import CHECKPOINTS, SETTINGS, Store
+from lightning_lth.experiment.tracking import Tracking
 from lightning_lth.io import load_json, load_tensors, save_json, save_tensors
 from lightning_lth.models import example_input
 from lightning_lth.report.plots import plot_interpolation
@@ -44,19 +56,71 @@ from lightning_lth.training.fused import FusedArms, MemberLogs
 from lightning_lth.training.module import LTHModule
 
 
+@runtime_checkable
+class StageContext(Protocol):
+    """What a stage may ask of the runner that computes it (``runner.Runner`` is one)."""
+
+    config: dict  # the resolved config
+    study: Study
+    epochs: int  # T, the dense schedule's length
+    datamodule: LTHDataModule
+    dist: DistContext
+    store: Store
+    tracking: Tracking
+
+    def module(self, **overrides) -> LTHModule: ...
+    def order_seed(self, *identity) -> int: ...
+    def trainer(self, stage: Stage, work: Path, max_epochs: int, callbacks=(),
+                wandb_config: dict | None = None) -> L.Trainer: ...
+    def group_trainer(self, group: ArmGroup, work: Path, max_epochs: int,
+                      callbacks=()) -> L.Trainer: ...
+    def fit(self, trainer: L.Trainer, module: L.LightningModule, stage: Stage, resume: str | None): ...
+    def test(self, trainer: L.Trainer, module: LTHModule) -> dict: ...
+    def device(self) -> torch.device: ...
+    def run(self, stage: Stage) -> Path: ...
+    def weights(self, ref: WeightsRef) -> Path: ...
+    def record(self, arm: ArmStage, result: dict) -> Record: ...
+
+
+# An arm's mask from IMP's mask (found on A), for the module it trains.
+MaskMaker = Callable[[Mask, "ArmStage", StageContext, torch.nn.Module], Mask]
+
+
+def imp_mask(mask: Mask, arm: ArmStage, ctx: StageContext, net: torch.nn.Module) -> Mask:
+    """IMP's mask as it is."""
+    return mask
+
+
+def permuted_mask(mask: Mask, arm: ArmStage, ctx: StageContext, net: torch.nn.Module) -> Mask:
+    """IMP's mask permuted into B's basin by the arm's match stage's pi."""
+    perm = load_perm(ctx.run(arm.matching) / MatchStage.PERM)
+    return apply_permutation(mask, get_spec(net, _example(ctx)), perm)
+
+
 @dataclass(frozen=True)
 class ArmSpec:
-    """One arm of the comparison: whose rewind snapshot it trains, and with which mask."""
+    """One arm of the comparison: whose rewind snapshot it trains, with which mask, and how
+    the report shows it."""
 
     name: str
     init: str  # "A" or "B": the dense net whose epoch-k snapshot the arm trains from
-    permuted: bool  # IMP's mask (found on A) permuted into B's basin by the matching's pi
+    label: str  # in the report's tables and legends
+    colour: str  # a matplotlib colour, in the report's figures
+    make_mask: MaskMaker
+    mask_what: str  # the mask in words, for the plan's table
+    needs_match: bool = False  # one arm per match stage, reading its pi
+    components: str = "arm"  # its row of numerics.DEPENDS
 
 
 ARMS = {arm.name: arm for arm in (
-    ArmSpec("lth", init="A", permuted=False),
-    ArmSpec("naive", init="B", permuted=False),
-    ArmSpec("permuted", init="B", permuted=True),
+    ArmSpec("lth", init="A", label="LTH", colour="tab:green", make_mask=imp_mask,
+            mask_what="A's IMP mask"),
+    ArmSpec("naive", init="B", label="naive", colour="tab:red", make_mask=imp_mask,
+            mask_what="A's IMP mask"),
+    # it permutes the mask by pi, so the matching code's version is in its key
+    ArmSpec("permuted", init="B", label="permuted", colour="tab:blue",
+            make_mask=permuted_mask, mask_what="A's IMP mask permuted into B",
+            needs_match=True, components="arm permuted"),
 )}
 
 
@@ -69,9 +133,6 @@ class WeightsRef:
     path: str  # inside that stage's folder, or the user's file
 
 
-CONTINUE_FILE = "continue.ckpt"  # a truncated dense run's last checkpoint: its continuation
-
-
 def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().clone() for key, value in net.state_dict().items()}
 
@@ -79,6 +140,8 @@ def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True, kw_only=True)
 class Stage(ABC):
     kind: ClassVar[str] = ""
+    LOGS: ClassVar[str] = "logs"  # the CSV logger's folder (Lightning writes metrics.csv there)
+    IN_SWEEP: ClassVar[bool] = False  # logs into a `wandb agent`'s run (a sweep's cell)
     name: str  # readable and stable: "dense A", "imp round 3", "arm permuted S=0.9 k=2"
     label: str  # the readable part of the key
     key: str = ""  # set by the plan
@@ -98,6 +161,19 @@ class Stage(ABC):
     def reads(self) -> tuple[Stage, ...]:
         return ()
 
+    @property
+    def shown(self) -> str:
+        """Its name in W&B runs (and an arm's in records and reports)."""
+        return self.kind
+
+    @abstractmethod
+    def what(self) -> str:
+        """One line on what it computes, for the plan's table."""
+
+    def plan_row(self, status: str, time: str, run: str) -> tuple[str, ...]:
+        """Its row of the plan's table (``progress.plan_table``'s columns)."""
+        return (self.name, self.what(), status, str(self.epochs), time, run)
+
     def order(self) -> tuple:
         """The identity its training data order is drawn from (see the module docstring)."""
         return ()
@@ -107,22 +183,23 @@ class Stage(ABC):
                 "identity": self.identity(), "key_inputs": self.key_inputs}
 
     @abstractmethod
-    def compute(self, ctx, work: Path, resume: str | None) -> None:
+    def compute(self, ctx: StageContext, work: Path, resume: str | None) -> None:
         """Write the outputs into ``work``, continuing from ``resume`` when given."""
 
 
-def _example(ctx, device=None) -> torch.Tensor:
+def _example(ctx: StageContext, device=None) -> torch.Tensor:
     """The batch a model without a hand-written spec is traced with: the data's shapes."""
     model = ctx.config["model"]
     return example_input(model["in_channels"], model["image_size"], device)
 
 
-def _train_dense(ctx, stage: Stage, seed: int, work: Path, resume: str | None,
+def _train_dense(ctx: StageContext, stage: Stage, seed: int, work: Path, resume: str | None,
                  until: int, save_epochs, final: bool) -> tuple[L.Trainer, L.LightningModule]:
     """Dense training from the seed's init along the T-epoch schedule, up to ``until``."""
     L.seed_everything(seed, workers=True)
     module = ctx.module(schedule_epochs=ctx.epochs)
-    snapshots = RewindSnapshots(save_epochs, dirpath=str(work / "rewind"), save_final=final)
+    snapshots = RewindSnapshots(save_epochs, dirpath=str(work / DenseStage.REWIND),
+                                save_final=final)
     trainer = ctx.trainer(stage, work, until, [snapshots], {"seed": seed})
     ctx.fit(trainer, module, stage, resume)
     return trainer, module
@@ -133,6 +210,8 @@ class DenseStage(Stage):
     """A dense net (A or B) trained T epochs, with its rewind snapshots."""
 
     kind: ClassVar[str] = "dense"
+    METRICS: ClassVar[str] = "metrics.json"  # test accuracy and loss, the saved epochs
+    REWIND: ClassVar[str] = "rewind"  # the snapshots' folder (RewindSnapshots' files)
     role: str  # "A" or "B", for people; the seed is what distinguishes them
     seed: int
     save_epochs: tuple[int, ...]  # not in the key: a later epoch is its own snapshot stage
@@ -143,7 +222,11 @@ class DenseStage(Stage):
     def order(self) -> tuple:
         return ("dense", self.seed)
 
-    def compute(self, ctx, work, resume):
+    def what(self) -> str:
+        saves = ",".join(map(str, self.save_epochs))
+        return f"net {self.role} from seed {self.seed}, snapshots at k={saves}"
+
+    def compute(self, ctx: StageContext, work, resume):
         if resume is None:
             resume = self._continue_truncated(ctx, work)
         trainer, module = _train_dense(ctx, self, self.seed, work, resume, self.epochs,
@@ -151,9 +234,9 @@ class DenseStage(Stage):
         metrics = ctx.test(trainer, module)
         if ctx.dist.is_writer:
             save_json({**metrics, "saved_epochs": list(self.save_epochs),
-                       "order_seed": ctx.order_seed(*self.order())}, work / "metrics.json")
+                       "order_seed": ctx.order_seed(*self.order())}, work / self.METRICS)
 
-    def _continue_truncated(self, ctx, work: Path) -> str | None:
+    def _continue_truncated(self, ctx: StageContext, work: Path) -> str | None:
         """The furthest finished truncated run of this net in the store (a continuable
         snapshot stage) that saved every snapshot this run saves up to its epoch: its
         snapshots and checkpoint are copied here and training resumes from them."""
@@ -169,22 +252,22 @@ class DenseStage(Stage):
                     start = (reached, folder, wanted)
             if start is not None:
                 reached, folder, wanted = start
-                (work / "rewind").mkdir(parents=True, exist_ok=True)
+                (work / self.REWIND).mkdir(parents=True, exist_ok=True)
                 for epoch in wanted:
-                    shutil.copyfile(folder / "rewind" / snapshot_name(epoch),
-                                    work / "rewind" / snapshot_name(epoch))
+                    shutil.copyfile(folder / self.REWIND / snapshot_name(epoch),
+                                    work / self.REWIND / snapshot_name(epoch))
                 checkpoint = work / CHECKPOINTS / ResumePoints.FILE
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(folder / CONTINUE_FILE, checkpoint)
+                shutil.copyfile(folder / SnapshotStage.CONTINUE, checkpoint)
                 ctx.store.log_event("continue", self, source=folder.name, epoch=reached)
                 start = str(checkpoint)
         return ctx.dist.broadcast(start)  # every rank resumes from rank 0's copy
 
     def weights(self, epoch: int | None) -> WeightsRef:
         """Epoch k's snapshot (None: the final weights)."""
-        name = "final.pt" if epoch is None else snapshot_name(epoch)
+        name = RewindSnapshots.FINAL if epoch is None else snapshot_name(epoch)
         return WeightsRef(f"{self.key}@{'final' if epoch is None else epoch}", self,
-                          f"rewind/{name}")
+                          f"{self.REWIND}/{name}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +281,7 @@ class SnapshotStage(Stage):
     resumes from it instead of training again (``DenseStage._continue_truncated``)."""
 
     kind: ClassVar[str] = "snapshot"
+    CONTINUE: ClassVar[str] = "continue.ckpt"  # a continuable one's last checkpoint
     dense: DenseStage
     epoch: int
     save_epochs: tuple[int, ...] = ()  # besides ``epoch``
@@ -215,17 +299,24 @@ class SnapshotStage(Stage):
     def order(self) -> tuple:
         return self.dense.order()
 
-    def compute(self, ctx, work, resume):
+    def what(self) -> str:
+        if self.continuable:
+            return (f"dense {self.dense.role} only up to epoch {self.epoch} of "
+                    f"{self.dense.epochs}, snapshots at k={','.join(map(str, self.saves))}")
+        return f"dense {self.dense.role} again up to its epoch-{self.epoch} snapshot"
+
+    def compute(self, ctx: StageContext, work, resume):
         _train_dense(ctx, self, self.dense.seed, work, resume, self.epoch, self.saves,
                      final=False)
         if self.continuable and ctx.dist.is_writer:
-            shutil.copyfile(work / CHECKPOINTS / ResumePoints.FILE, work / CONTINUE_FILE)
+            shutil.copyfile(work / CHECKPOINTS / ResumePoints.FILE, work / self.CONTINUE)
 
     def weights(self, epoch: int | None = None) -> WeightsRef:
         epoch = self.epoch if epoch is None else epoch
         if epoch not in self.saves:
             raise RuntimeError(f"{self.name} does not save epoch {epoch}")
-        return WeightsRef(f"{self.dense.key}@{epoch}", self, f"rewind/{snapshot_name(epoch)}")
+        return WeightsRef(f"{self.dense.key}@{epoch}", self,
+                          f"{DenseStage.REWIND}/{snapshot_name(epoch)}")
 
 
 def prunable_names(net: torch.nn.Module, prune: PruneSettings) -> list[str]:
@@ -246,6 +337,9 @@ class ImpRound(Stage):
     train ``epochs`` epochs with the mask fixed. Step 0: dense A and an all-True mask."""
 
     kind: ClassVar[str] = "imp"
+    MASK: ClassVar[str] = "mask.pt"
+    WEIGHTS: ClassVar[str] = "weights.pt"  # after the round's training
+    METRICS: ClassVar[str] = "metrics.json"  # test accuracy and loss, the sparsity
     seed: int
     step: int  # rounds so far in its chain
     zeros: int
@@ -263,11 +357,16 @@ class ImpRound(Stage):
     def order(self) -> tuple:
         return ("imp", self.seed, self.step, self.zeros)
 
-    def compute(self, ctx, work, resume):
+    def what(self) -> str:
+        if self.step == 0:
+            return "round 0: dense A with every weight kept"
+        return f"prune to {self.zeros}/{self.prunable} zeros, then train with the mask"
+
+    def compute(self, ctx: StageContext, work, resume):
         prune = ctx.study.prune
         if self.previous:
             folder = ctx.run(self.previous)
-            start, mask = str(folder / "weights.pt"), Mask.load(folder / "mask.pt")
+            start, mask = str(folder / self.WEIGHTS), Mask.load(folder / self.MASK)
         else:
             start, mask = str(ctx.weights(self.dense)), None
         L.seed_everything(ctx.order_seed(*self.order()))
@@ -294,10 +393,10 @@ class ImpRound(Stage):
         metrics = {"step": self.step, "zeros": self.zeros, "prunable": self.prunable,
                    "sparsity": self.zeros / self.prunable, "epochs": self.epochs, **ctx.test(trainer, module)}
         if ctx.dist.is_writer:
-            mask.save(work / "mask.pt")
+            mask.save(work / self.MASK)
             save_tensors({"state_dict": _state(module.net), "epoch": self.step * self.epochs,
-                          "meta": dict(mask.meta)}, work / "weights.pt")
-            save_json(metrics, work / "metrics.json")
+                          "meta": dict(mask.meta)}, work / self.WEIGHTS)
+            save_json(metrics, work / self.METRICS)
             ctx.tracking.summary(trainer, {f"imp/{key}": value for key, value in metrics.items()})
 
 
@@ -310,6 +409,12 @@ class MatchStage(Stage):
     epochs through the weights it reads."""
 
     kind: ClassVar[str] = "match"
+    PERM: ClassVar[str] = "perm.pt"
+    A_PERMUTED: ClassVar[str] = "weights_a_permuted.pt"  # A's weights moved into B's basin
+    CONNECTIVITY: ClassVar[str] = "connectivity.json"  # the interpolation curves
+    QUALITY: ClassVar[str] = "quality.json"  # the epochs, A's and B's accuracy, correlations
+    FIGURE: ClassVar[str] = "interpolation.png"
+    MASK_PERMUTED: ClassVar[str] = "mask_permuted.pt"  # with a given mask only
     a: WeightsRef
     b: WeightsRef
     mask: WeightsRef | None = None
@@ -325,7 +430,11 @@ class MatchStage(Stage):
     def reads(self):
         return tuple(ref.stage for ref in (self.a, self.b) if ref.stage)
 
-    def compute(self, ctx, work, resume):
+    def what(self) -> str:
+        return (f"pi ({self.method}) from A at epoch {self.a_epoch} to B at epoch "
+                f"{self.b_epoch}; interpolation before/after, barriers")
+
+    def compute(self, ctx: StageContext, work, resume):
         settings = ctx.study.match
         weights_a, weights_b = ctx.weights(self.a), ctx.weights(self.b)
         device = ctx.device()
@@ -347,20 +456,20 @@ class MatchStage(Stage):
             bn_batches=settings.bn_reset_batches)
         if not ctx.dist.is_writer:
             return
-        save_tensors({"perm": perm, "meta": {"method": self.method}}, work / "perm.pt")
+        save_tensors({"perm": perm, "meta": {"method": self.method}}, work / self.PERM)
         save_tensors({"state_dict": apply_permutation(state_a, spec, perm), "epoch": None,
-                      "meta": {"permuted_to": self.b.ident}}, work / "weights_a_permuted.pt")
-        save_json(curves, work / "connectivity.json")
+                      "meta": {"permuted_to": self.b.ident}}, work / self.A_PERMUTED)
+        save_json(curves, work / self.CONNECTIVITY)
         # the end points of the naive curve are A and B themselves, at the matched epochs
         save_json({"method": self.method, "epoch_a": self.a_epoch, "epoch_b": self.b_epoch,
                    "acc_a": curves["naive"]["acc"][0], "acc_b": curves["naive"]["acc"][-1],
                    "correlation": matched_correlation(correlations, perm)},
-                  work / "quality.json")
-        plot_interpolation(curves, work / "interpolation.png", title=self.label)
+                  work / self.QUALITY)
+        plot_interpolation(curves, work / self.FIGURE, title=self.label)
         if self.mask is not None:
             apply_permutation(Mask.load(self.mask.path), spec, perm).save(
-                work / "mask_permuted.pt")
-        ctx.tracking.log_connectivity(self, curves, work / "interpolation.png", self.method)
+                work / self.MASK_PERMUTED)
+        ctx.tracking.log_connectivity(self, curves, work / self.FIGURE, self.method)
 
 
 def load_perm(path: Path) -> dict[str, torch.Tensor]:
@@ -375,13 +484,17 @@ class ArmStage(Stage):
     """One arm: sparse training from a rewind snapshot with a fixed mask, T - k epochs."""
 
     kind: ClassVar[str] = "arm"
+    MASK: ClassVar[str] = "mask.pt"  # the mask it trained with
+    WEIGHTS: ClassVar[str] = "final.pt"  # after its T - k epochs
+    RESULT: ClassVar[str] = "result.json"  # what its record is made from
+    IN_SWEEP: ClassVar[bool] = True
     arm: ArmSpec
     seed: int
     sparsity: float
     rewind_epoch: int
     init: WeightsRef
     round: ImpRound  # the IMP round that landed on ``sparsity``: its mask
-    matching: MatchStage | None  # pi, for a permuted arm
+    matching: MatchStage | None  # pi, for an arm that needs a match stage
 
     def identity(self) -> dict:
         return {"arm": self.arm.name, "seed": self.seed, "sparsity": self.sparsity,
@@ -394,7 +507,7 @@ class ArmStage(Stage):
 
     @property
     def components(self) -> str:
-        return "arm permuted" if self.arm.permuted else "arm"  # it permutes the mask by pi
+        return self.arm.components
 
     @property
     def shown(self) -> str:
@@ -404,48 +517,49 @@ class ArmStage(Stage):
     def order(self) -> tuple:
         return ("arm", self.seed, self.rewind_epoch)
 
-    def wandb_config(self, ctx) -> dict:
+    def what(self) -> str:
+        return f"{self.arm.init}'s epoch-{self.rewind_epoch} weights, {self.arm.mask_what}"
+
+    def wandb_config(self, ctx: StageContext) -> dict:
         hp = ctx.config["model"]
         return {"method": self.shown, "sparsity": self.sparsity,
                 "rewind_epoch": self.rewind_epoch, "seed": self.seed, "width": hp["width"],
                 "model": hp["arch"], "dataset": ctx.config["data"]["dataset"]}
 
-    def member(self, ctx) -> LTHModule:
-        """The module this arm trains: its rewind snapshot, its (permuted) mask."""
+    def member(self, ctx: StageContext) -> LTHModule:
+        """The module this arm trains: its rewind snapshot, its arm's mask."""
         sparse = ctx.study.sparse
         module = ctx.module(lr=sparse.lr, momentum=sparse.momentum,
                             weight_decay=sparse.weight_decay,
                             init_weights=str(ctx.weights(self.init)),
                             schedule_epochs=self.epochs)
-        mask = Mask.load(ctx.run(self.round) / "mask.pt")
-        if self.arm.permuted:
-            perm = load_perm(ctx.run(self.matching) / "perm.pt")
-            mask = apply_permutation(mask, get_spec(module.net, _example(ctx)), perm)
+        mask = self.arm.make_mask(Mask.load(ctx.run(self.round) / ImpRound.MASK), self, ctx,
+                                  module.net)
         hp = ctx.config["model"]
         mask.check_fits(module.net, hp["arch"], hp["width"])
         ctx.dist.ranks_agree(f"the {self.arm.name} mask", mask.tensors)
         module.mask = mask
         return module
 
-    def save(self, ctx, work: Path, state: dict, mask: Mask, metrics: dict, wall_time_s: float,
+    def save(self, ctx: StageContext, work: Path, state: dict, mask: Mask, metrics: dict, wall_time_s: float,
              fused: int, trainer: L.Trainer | None) -> None:
         """The arm's outputs; ``fused``: the size of the group it trained in (1: alone)."""
         if not ctx.dist.is_writer:
             return
-        mask.save(work / "mask.pt")
+        mask.save(work / self.MASK)
         save_tensors({"state_dict": state, "epoch": ctx.epochs,
-                      "meta": {"arm": self.arm.name}}, work / "final.pt")
+                      "meta": {"arm": self.arm.name}}, work / self.WEIGHTS)
         save_json({**metrics, "wall_time_s": wall_time_s,
                    "num_threads": torch.get_num_threads(), "device": str(ctx.device()),
                    "order_seed": ctx.order_seed(*self.order()), "fused": fused,
                    # val/acc in logs/ is test accuracy only when this is 0
                    "val_split": ctx.datamodule.val_split},
-                  work / "result.json")
+                  work / self.RESULT)
         if trainer is not None:
-            ctx.tracking.summary(trainer, ctx.record(self, load_json(work / "result.json"))
+            ctx.tracking.summary(trainer, ctx.record(self, load_json(work / self.RESULT))
                                  .to_dict())
 
-    def compute(self, ctx, work, resume):
+    def compute(self, ctx: StageContext, work, resume):
         started = time.time()
         L.seed_everything(ctx.order_seed(*self.order()))
         module = self.member(ctx)
@@ -478,14 +592,14 @@ class ArmGroup:
     def name(self) -> str:
         return f"fused {len(self.members)} arms k={self.members[0].rewind_epoch}"
 
-    def compute(self, ctx, works: dict[str, Path], group_work: Path, resume: str | None):
+    def compute(self, ctx: StageContext, works: dict[str, Path], group_work: Path, resume: str | None):
         """Train every member at once; write each member's outputs into ``works[key]``."""
         started = time.time()
         first = self.members[0]
         L.seed_everything(ctx.order_seed(*first.order()))
         modules = [arm.member(ctx) for arm in self.members]
         fused = FusedArms(modules, _example(ctx, torch.device("cpu")))
-        logs = MemberLogs([CSVLogger(works[arm.key], name="logs", version="")
+        logs = MemberLogs([CSVLogger(works[arm.key], name=arm.LOGS, version="")
                            for arm in self.members])
         trainer = ctx.group_trainer(self, group_work, first.epochs, [logs])
         ctx.fit(trainer, fused, first, resume)

@@ -44,10 +44,11 @@ class Tracking:
         self.runs: list[str] = []  # each finished run's URL (online) or folder (offline)
 
     def logger(self, stage, job_type: str, config: dict) -> WandbLogger | None:
-        """The stage's W&B logger, or None. Under `wandb agent` only the arm logs into the
-        agent's run; the shared stages stay local."""
+        """The stage's W&B logger, or None. Under `wandb agent` only a stage of a sweep's
+        cell (``stage.IN_SWEEP``: an arm) logs into the agent's run; the shared stages stay
+        local."""
         in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
-        if self.mode == "disabled" or (in_sweep and stage.kind != "arm"):
+        if self.mode == "disabled" or (in_sweep and not stage.IN_SWEEP):
             return None
         tags = [job_type, self.model, self.dataset, f"w{self.width}"]
         group = f"{self.model}-w{self.width}-{self.dataset}"

@@ -162,7 +162,7 @@ def write_records(graph: GridGraph) -> int:
                 continue
             if runner.store.status(arm) != "done":
                 raise LTHError(f"arm {arm.key} is not done: its record cannot be written")
-            result = load_json(runner.store.path(arm) / "result.json")
+            result = load_json(runner.store.path(arm) / arm.RESULT)
             written += append_record(runner.store.root / RESULTS_FILE,
                                      runner.record(arm, result))
     return written

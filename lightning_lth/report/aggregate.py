@@ -2,16 +2,29 @@
 their order and their labels, mean ± std over seeds, the (sparsity, method, k) cells.
 
 Imports nothing from lightning_lth: plots.py builds on it, and plots.py must stay importable
-from the match stage (see the package docstring)."""
+from the match stage (see the package docstring). So the arm registry
+(``experiment.stages.ARMS``), which sits above it, is passed in (``Arms``) by the report's
+upper modules."""
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Mapping
+from typing import Protocol
 
-METHODS = ("lth", "naive", "permuted")  # the arm registry; a permuted arm matched at other
-# epochs or by another method is "permuted" + its match suffix (plan.match_suffix)
-LABELS = {"lth": "LTH", "naive": "naive", "permuted": "permuted"}
+
+class ArmLook(Protocol):
+    """How the report shows an arm (``experiment.stages.ArmSpec`` is one)."""
+
+    label: str
+    colour: str
+
+
+# The arm registry: name -> its look, in the report's order. A record's method is an entry's
+# name, or for an arm matched at other epochs or by another method, the name + its match
+# suffix (plan.match_suffix: "permuted@b1[weight]").
+Arms = Mapping[str, ArmLook]
 
 Table = tuple[list[str], list[list[str]]]  # header, rows of markdown cells (**bold**)
 
@@ -21,17 +34,19 @@ def base_method(method: str) -> str:
     return method.split("@")[0].split("[")[0]
 
 
-def method_order(records: list[dict]) -> list[str]:
-    """The methods present: LTH, naive, permuted, then the permuted arms matched at other
-    epochs or by other methods, by B's matching epoch, A's, method."""
+def method_order(records: list[dict], arms: Arms) -> list[str]:
+    """The methods present in the registry's order, each arm followed by its variants matched
+    at other epochs or by other methods, by B's matching epoch, A's, method."""
     where = {r["method"]: (r.get("match_epoch_b") or 0, r.get("match_epoch_a") or 0,
                            r.get("match_method") or "") for r in records}
-    return sorted(where, key=lambda m: (METHODS.index(base_method(m)), m != base_method(m),
+    order = list(arms)
+    return sorted(where, key=lambda m: (order.index(base_method(m)), m != base_method(m),
                                         where[m]))
 
 
-def method_label(method: str) -> str:
-    return LABELS.get(method, method)
+def method_label(method: str, arms: Arms) -> str:
+    """An arm's label; a variant shows its method as it is (``permuted@b1``)."""
+    return arms[method].label if method in arms else method
 
 
 def sparsity_label(s: float) -> str:

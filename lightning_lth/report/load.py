@@ -11,8 +11,9 @@ from pathlib import Path
 
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.results import invalid
+from lightning_lth.experiment.stages import ARMS, ArmStage
 from lightning_lth.io import load_json
-from lightning_lth.report.aggregate import METHODS, base_method
+from lightning_lth.report.aggregate import base_method
 
 # One sparse run is identified by these; a rerun appends a second line that replaces the first.
 _RUN_ID = ("config_hash", "model", "dataset", "width", "seed", "method", "sparsity",
@@ -23,8 +24,8 @@ def validate_record(rec) -> str | None:
     """Why ``rec`` is not a usable record, or None; beyond the Record type's own checks, the
     method must be an arm this report knows how to draw."""
     why = invalid(rec)
-    if why is None and base_method(rec["method"]) not in METHODS:
-        return f"unknown method {rec['method']!r} (allowed: {', '.join(METHODS)})"
+    if why is None and base_method(rec["method"]) not in ARMS:
+        return f"unknown method {rec['method']!r} (allowed: {', '.join(ARMS)})"
     return why
 
 
@@ -104,21 +105,23 @@ def arm_curves(records: list[dict], store: Path) -> tuple[dict[str, tuple[str, l
     data.val_split = 0 (its result.json says; older stores do not: "val/acc")."""
     curves, missing = {}, 0
     for rec in records:
-        folder = store / "arm" / rec["key"]
-        if not (folder / "logs" / "metrics.csv").is_file():
+        folder = store / ArmStage.kind / rec["key"]
+        log = folder / ArmStage.LOGS / "metrics.csv"
+        if not log.is_file():
             missing += 1
             continue
         by_epoch = {}
-        with open(folder / "logs" / "metrics.csv", newline="") as handle:
+        with open(log, newline="") as handle:
             for row in csv.DictReader(handle):
                 if row.get("val/acc") and row.get("epoch"):
                     by_epoch[int(row["epoch"])] = float(row["val/acc"])
-        result = folder / "result.json"
+        result = folder / ArmStage.RESULT
         held_out = load_json(result).get("val_split") if result.is_file() else None
         split = "val/acc" if held_out is None else "validation" if held_out else "test"
         curves[rec["key"]] = (split, sorted((rec["rewind_epoch"] + epoch + 1, acc)
                                             for epoch, acc in by_epoch.items()))
-    notes = [f"no training log for {missing} arm(s) in {store}/arm/<key>/logs/"] if missing else []
+    notes = ([f"no training log for {missing} arm(s) in {store}/{ArmStage.kind}/<key>/"
+              f"{ArmStage.LOGS}/"] if missing else [])
     return curves, notes
 
 

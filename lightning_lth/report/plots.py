@@ -23,8 +23,9 @@ from matplotlib.ticker import MaxNLocator
 from lightning_lth.errors import LTHError
 from lightning_lth.io import write_atomic
 from lightning_lth.report.aggregate import (
-    LABELS,
+    Arms,
     Table,
+    base_method,
     cell_stats,
     matched_arms,
     mean_std,
@@ -34,15 +35,16 @@ from lightning_lth.report.aggregate import (
     sparsity_label,
 )
 
-_COLORS = {"lth": "tab:green", "naive": "tab:red", "permuted": "tab:blue"}
 _MORE_COLORS = ("tab:purple", "tab:orange", "tab:cyan", "tab:olive", "tab:brown", "tab:pink",
-                "tab:gray")
+                "tab:gray")  # for the variants of an arm (``permuted@b1``) and pi's series
 
 
-def _colors(methods: list[str]) -> dict[str, str]:
-    variants = [m for m in methods if m not in _COLORS]
-    return {**_COLORS, **{m: _MORE_COLORS[i % len(_MORE_COLORS)]
-                          for i, m in enumerate(variants)}}
+def _colors(methods: list[str], arms: Arms) -> dict[str, str]:
+    """Each arm's own colour; its variants one each of the others."""
+    own = {name: look.colour for name, look in arms.items()}
+    variants = [m for m in methods if m not in own]
+    return {**own, **{m: _MORE_COLORS[i % len(_MORE_COLORS)]
+                      for i, m in enumerate(variants)}}
 
 
 def _png(fig: Figure, dpi: int = 120, tight_bbox: bool = True) -> bytes:
@@ -68,12 +70,12 @@ def _dense_line(ax, records: list[dict]) -> None:
                color="black", linestyle="--", linewidth=1, label="dense")
 
 
-def _accuracy_panels(records: list[dict], title: str, panels: list, panel_of, x_of,
-                     panel_title, xlabel: str) -> bytes:
+def _accuracy_panels(records: list[dict], title: str, arms: Arms, panels: list, panel_of,
+                     x_of, panel_title, xlabel: str) -> bytes:
     """One panel per value of ``panel_of(cell)``: accuracy vs ``x_of(cell)`` per method."""
     cells = cell_stats(records)
-    methods = method_order(records)
-    colors = _colors(methods)
+    methods = method_order(records, arms)
+    colors = _colors(methods, arms)
     fig, axes = _grid(len(panels))
     for ax, panel in zip(axes, panels, strict=True):
         for m in methods:
@@ -82,7 +84,7 @@ def _accuracy_panels(records: list[dict], title: str, panels: list, panel_of, x_
             if pts:
                 x, mean, std = zip(*pts, strict=True)
                 ax.errorbar(x, [100 * v for v in mean], yerr=[100 * v for v in std],
-                            marker="o", capsize=3, color=colors[m], label=method_label(m))
+                            marker="o", capsize=3, color=colors[m], label=method_label(m, arms))
         _dense_line(ax, records)
         ax.set(title=panel_title(panel), xlabel=xlabel, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -91,20 +93,21 @@ def _accuracy_panels(records: list[dict], title: str, panels: list, panel_of, x_
     return _png(fig)
 
 
-def plot_vs_k(records: list[dict], title: str) -> bytes:
+def plot_vs_k(records: list[dict], title: str, arms: Arms) -> bytes:
     """Figs. 3/4: one panel per sparsity, accuracy vs rewind epoch k."""
     sparsities = sorted({s for s, _, _ in cell_stats(records)})
-    return _accuracy_panels(records, title, sparsities, lambda key: key[0], lambda key: key[2],
+    return _accuracy_panels(records, title, arms, sparsities, lambda key: key[0], lambda key: key[2],
                             lambda s: f"sparsity {sparsity_label(s)}", "rewind epoch k")
 
 
-def plot_vs_sparsity(records: list[dict], title: str, ks: list[int] | None = None) -> bytes:
+def plot_vs_sparsity(records: list[dict], title: str, arms: Arms,
+                     ks: list[int] | None = None) -> bytes:
     """Fig. 7: one panel per rewind epoch k, accuracy vs sparsity."""
     present = {k for _, _, k in cell_stats(records)}
     ks = sorted(present if ks is None else set(ks) & present)
     if not ks:
         raise LTHError("none of the requested rewind epochs are present in the results")
-    return _accuracy_panels(records, title, ks, lambda key: key[2], lambda key: 100 * key[0],
+    return _accuracy_panels(records, title, arms, ks, lambda key: key[2], lambda key: 100 * key[0],
                             lambda k: f"k = {k}", "sparsity (%)")
 
 
@@ -126,9 +129,9 @@ def _series(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
             if len({r["match_epoch_b"] for r in recs}) > 1}
 
 
-def plot_vs_match_epoch(records: list[dict], title: str) -> bytes | None:
-    """Permuted-arm accuracy against B's matching epoch, one panel per (sparsity, k), LTH and
-    naive as horizontal lines; None without early matches."""
+def plot_vs_match_epoch(records: list[dict], title: str, arms: Arms) -> bytes | None:
+    """Permuted-arm accuracy against B's matching epoch, one panel per (sparsity, k), the arms
+    without a pi (LTH, naive) as horizontal lines; None without early matches."""
     series = _series(records)
     if not series:
         return None
@@ -136,6 +139,8 @@ def plot_vs_match_epoch(records: list[dict], title: str) -> bytes | None:
     fig, axes = _grid(len(cells))
     fig.set_layout_engine("constrained")  # room for the title above the panels' titles
     colors = dict(zip(series, _MORE_COLORS[1:] + _MORE_COLORS[:1], strict=False))
+    with_pi = {base_method(r["method"]) for r in matched_arms(records)}
+    unmatched = [m for m in method_order(records, arms) if m in arms and m not in with_pi]
     for ax, (s, k) in zip(axes, cells, strict=True):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for (method, which), recs in series.items():
@@ -149,12 +154,12 @@ def plot_vs_match_epoch(records: list[dict], title: str) -> bytes | None:
                             yerr=[100 * mean_std(by_epoch[e])[1] for e in x], marker="o",
                             capsize=3, color=colors[(method, which)],
                             label=f"permuted ({method}, {which})")
-        for m in ("lth", "naive"):
+        for m in unmatched:
             accs = [r["test_acc"] for r in records if r["method"] == m
                     and (round(r["sparsity"], 6), r["rewind_epoch"]) == (s, k)]
             if accs:
-                ax.axhline(100 * statistics.fmean(accs), color=_COLORS[m], linestyle="--",
-                           label=LABELS[m])
+                ax.axhline(100 * statistics.fmean(accs), color=arms[m].colour, linestyle="--",
+                           label=arms[m].label)
         ax.set(title=f"sparsity {sparsity_label(s)}, k = {k}", xlabel="B's matching epoch",
                ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -224,7 +229,7 @@ def plot_group_interpolation(curves: list[dict], title: str) -> bytes | None:
     return _png(fig)
 
 
-def plot_arm_curves(records: list[dict], curves: dict, title: str) -> bytes | None:
+def plot_arm_curves(records: list[dict], curves: dict, title: str, arms: Arms) -> bytes | None:
     """Each method's accuracy after each epoch, mean over seeds, one panel per (sparsity, k);
     epochs on the T-epoch axis (an arm rewound to k starts at k)."""
     cells = sorted({(round(r["sparsity"], 6), r["rewind_epoch"]) for r in records
@@ -233,8 +238,8 @@ def plot_arm_curves(records: list[dict], curves: dict, title: str) -> bytes | No
         return None
     splits = sorted({curves[r["key"]][0] for r in records if r["key"] in curves})
     label = "val/acc (%)" if splits == ["val/acc"] else f"{' / '.join(splits)} accuracy (%)"
-    methods = method_order(records)
-    colors = _colors(methods)
+    methods = method_order(records, arms)
+    colors = _colors(methods, arms)
     fig, axes = _grid(len(cells))
     fig.set_layout_engine("constrained")  # room for the title above the panels' titles
     for ax, (s, k) in zip(axes, cells, strict=True):
@@ -246,7 +251,7 @@ def plot_arm_curves(records: list[dict], curves: dict, title: str) -> bytes | No
             if epochs:
                 ax.plot(epochs, [100 * statistics.fmean(run[e] for run in runs if e in run)
                                  for e in epochs], marker=".", color=colors[m],
-                        label=f"{method_label(m)} (n={len(runs)})")
+                        label=f"{method_label(m, arms)} (n={len(runs)})")
         ax.set(title=f"sparsity {sparsity_label(s)}, k = {k}", xlabel="epoch (of T)",
                ylabel=label)
         ax.grid(alpha=0.3)

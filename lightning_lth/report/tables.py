@@ -7,6 +7,14 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from lightning_lth.experiment.stages import (
+    ARMS,
+    ArmStage,
+    DenseStage,
+    ImpRound,
+    MatchStage,
+    SnapshotStage,
+)
 from lightning_lth.experiment.store import SETTINGS, stage_times
 from lightning_lth.io import load_json
 from lightning_lth.report.aggregate import (
@@ -21,7 +29,8 @@ from lightning_lth.report.aggregate import (
 )
 
 Group = tuple[str, str, int, str]  # (model, dataset, width, config hash)
-KINDS = ("dense", "snapshot", "imp", "match", "arm")  # the store's stage kinds, in plan order
+# the store's stage kinds, in plan order
+KINDS = tuple(stage.kind for stage in (DenseStage, SnapshotStage, ImpRound, MatchStage, ArmStage))
 
 
 def group_records(records: list[dict]) -> dict[Group, list[dict]]:
@@ -45,7 +54,7 @@ def accuracy_rows(records: list[dict]) -> tuple[Table, str]:
     """Tables 3-5 and their caption; the best mean per (sparsity, k) is bold, a cell whose
     seed count differs from the group's most common one shows its n."""
     cells = cell_stats(records)
-    methods = method_order(records)
+    methods = method_order(records, ARMS)
     sparsities = sorted({s for s, _, _ in cells})
     ks = sorted({k for _, _, k in cells})
     n_common = statistics.mode(n for _, _, n in cells.values())
@@ -54,7 +63,7 @@ def accuracy_rows(records: list[dict]) -> tuple[Table, str]:
         best = {k: max((round(100 * cells[(s, m, k)][0], 2) for m in methods if (s, m, k) in cells),
                        default=None) for k in ks}
         for i, m in enumerate(methods):
-            row = [sparsity_label(s) if i == 0 else "", method_label(m)]
+            row = [sparsity_label(s) if i == 0 else "", method_label(m, ARMS)]
             for k in ks:
                 if (s, m, k) not in cells:
                     row.append("–")
@@ -133,7 +142,7 @@ def matching_rows(records: list[dict]) -> Table | None:
               "Error barrier after (%)", *[f"agreement {g}" for g in groups],
               *[f"corr {g}" for g in groups], "Seeds"]
     rows = []
-    for label in method_order(matched):
+    for label in method_order(matched, ARMS):
         recs = list(per_match[label].values())
         first = recs[0]
 
@@ -156,7 +165,7 @@ def csv_rows(groups: dict[Group, list[dict]]) -> list[list]:
              "test_acc_mean", "test_acc_std", "n"]]
     for (model, dataset, width, config), recs in groups.items():
         cells = cell_stats(recs)
-        order = method_order(recs)
+        order = method_order(recs, ARMS)
         for (s, m, k) in sorted(cells, key=lambda c: (c[0], order.index(c[1]), c[2])):
             mean, std, n = cells[(s, m, k)]
             rows.append([model, dataset, width, config, s, m, k, repr(mean), repr(std), n])

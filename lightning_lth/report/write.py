@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.results import Record
+from lightning_lth.experiment.stages import ARMS
 from lightning_lth.io import write_atomic
 from lightning_lth.report.aggregate import mean_std, per_seed
 from lightning_lth.report.load import (
@@ -43,6 +44,7 @@ from lightning_lth.report.tables import (
     matching_rows,
     pct,
 )
+from lightning_lth.symmetry.matching import METHODS as MATCH_METHODS
 
 _MATCH_FIELDS = {f.name: f.default for f in fields(Record) if f.default is not MISSING}
 
@@ -87,22 +89,23 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
         table, caption = accuracy_rows(recs)
         blocks += [("h2", title), ("p", f"Dense accuracy: {pct(*dense)} (n={dense[2]})"),
                    ("table", table), ("p", caption)]
-        figure(f"{stem}_vs_k.png", "accuracy vs k", plot_vs_k(recs, title))
+        figure(f"{stem}_vs_k.png", "accuracy vs k", plot_vs_k(recs, title, ARMS))
         figure(f"{stem}_vs_sparsity.png", "accuracy vs sparsity",
-               plot_vs_sparsity(recs, title, ks))
-        png = plot_arm_curves(recs, curves, title)
+               plot_vs_sparsity(recs, title, ARMS, ks))
+        png = plot_arm_curves(recs, curves, title, ARMS)
         if png is not None:
             figure(f"{stem}_arm_curves.png", "accuracy over each arm's epochs", png)
         matching = matching_rows(recs)
         if matching is not None:
             blocks += [("p", "Each pi of the study (permuted arms: `permuted@b{j}` matched B "
                              "at epoch j and A at T, `@a{i}b{j}` A at i and B at j, "
-                             "`[method]` another matching method): B's accuracy and the "
+                             "`[method]` a matching method other than the paper's "
+                             f"{next(iter(MATCH_METHODS))}): B's accuracy and the "
                              "error barrier after matching at those epochs; per permutation "
                              "group, the fraction of units mapped as by the final pi (same "
                              "method, both nets at T) and the mean activation correlation of "
                              "the units pi pairs."), ("table", matching)]
-        png = plot_vs_match_epoch(recs, title)
+        png = plot_vs_match_epoch(recs, title, ARMS)
         if png is not None:
             figure(f"{stem}_vs_match_epoch.png", "accuracy vs matching epoch", png)
         png = plot_agreement(recs, title)

@@ -52,6 +52,8 @@ class RewindSnapshots(L.Callback):
     future, and this fit writes them once, from its own trajectory.
     """
 
+    FINAL = "final.pt"  # the last epoch's weights, beside the snapshots
+
     def __init__(self, epochs: list[int] = (0,), dirpath: str | None = None,
                  save_final: bool = True):
         self.epochs = check_rewind_epochs(epochs)
@@ -100,7 +102,7 @@ class RewindSnapshots(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         if self.save_final:
-            self._save(trainer, pl_module, "final.pt", trainer.current_epoch)
+            self._save(trainer, pl_module, self.FINAL, trainer.current_epoch)
 
 
 def _rng_state() -> dict:
