@@ -12,8 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, write_idx_dataset
-from test_experiment import events, tiny_config
-from test_resume import assert_same, experiment, results, stage_outputs
+from helpers import DEVICES, assert_same, events, experiment, results, stage_outputs, tiny_config
 from torch import nn
 
 from lightning_lth.cli import main
@@ -30,7 +29,6 @@ WEIGHT_TOLERANCE = 1e-5
 # On CUDA, with TF32 off: float32 kernels that differ from the alone run's (a grouped
 # convolution, a batched matmul) and atomics whose order varies from run to run.
 CUDA_WEIGHT_TOLERANCE = 1e-4
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 class SmallBNNet(nn.Module):

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli
-from test_experiment import NO_WANDB, tiny_config
+from helpers import NO_WANDB, tiny_config
 
 from lightning_lth import numerics
 from lightning_lth.cli import main

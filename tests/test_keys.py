@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass
 
 import pytest
-from test_experiment import tiny_config
+from helpers import tiny_config
 
 from lightning_lth.cli import main
 from lightning_lth.errors import LTHError

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 from conftest import run_cli
+from helpers import IMP_ROUNDS, tiny_config
 from rich.console import Console
-from test_experiment import IMP_ROUNDS, tiny_config
 
 from lightning_lth.experiment.progress import (
     LiveProgress,

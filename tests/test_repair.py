@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_symmetry import MODELS, make, permuted_copy
+from helpers import MODELS, make, permuted_copy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

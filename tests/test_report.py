@@ -17,7 +17,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 from conftest import run_cli
-from test_experiment import NO_WANDB, tiny_config
+from helpers import NO_WANDB, tiny_config
 
 from lightning_lth import report
 from lightning_lth.errors import LTHError
