@@ -69,6 +69,7 @@ def check_mask_exact(module: LTHModule) -> None:
         assert torch.count_nonzero(params[name].detach()[~keep.to(params[name].device)]) == 0
 
 
+@pytest.mark.quick
 def test_cuda_graphs_fall_back_on_cpu_same_numbers_said_once(monkeypatch):
     monkeypatch.setattr(module_file, "_told_no_cuda", set())  # as in a fresh process
     eager, eager_trainer, _ = train("cpu", cuda_graphs=False)

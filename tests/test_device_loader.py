@@ -91,6 +91,7 @@ def test_ddp_shards_are_disjoint_equal_and_cover(world_size):
     assert set(union.tolist()) <= set(range(count))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("augment", [True, False])
 def test_ddp_ranks_together_make_the_one_rank_batches(world_size, augment):
@@ -283,6 +284,7 @@ def test_training_without_augmentation_is_shuffled_but_unchanged():
 
 
 # -- inputs ------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_rejects_bad_inputs():
     with pytest.raises(LTHError, match="uint8"):
         make_loader(random_images(4).float())

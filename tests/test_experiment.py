@@ -175,6 +175,7 @@ def test_corrupt_artifact_is_detected_and_recomputed(tmp_path):
     assert list((store / "dense").glob("*.corrupt-*"))  # the bad copy is kept aside
 
 
+@pytest.mark.quick
 def test_prune_and_match_refuse_bad_inputs_before_any_work(tmp_path, capsys):
     config = tiny_config(tmp_path)
     assert main(["prune", "--config", str(config),
@@ -198,6 +199,7 @@ def test_prune_and_match_refuse_bad_inputs_before_any_work(tmp_path, capsys):
     assert not list(tmp_path.rglob("lightning_logs"))
 
 
+@pytest.mark.quick
 def test_match_command_writes_pi_permuted_weights_mask_and_report(tmp_path):
     config = tiny_config(tmp_path)
     store = tmp_path / "store"

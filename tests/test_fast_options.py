@@ -73,6 +73,7 @@ def check_close_to_fp32(accuracy: float, device: str, arch: str) -> None:
     assert abs(accuracy - baseline) <= TOLERANCE, (accuracy, baseline)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("precision", "channels_last"),
                          [("bf16-mixed", False), ("32-true", True), ("bf16-mixed", True)])

@@ -115,6 +115,7 @@ def hand_graph() -> GridGraph:
     return GridGraph(nodes, cells, Path("unused"))
 
 
+@pytest.mark.quick
 def test_schedule_and_simulator_match_a_hand_computed_graph():
     graph = hand_graph()
     seconds = schedule.epochs_only().seconds(graph)

@@ -208,6 +208,7 @@ def test_an_unknown_name_is_refused(study, capsys, setting, start):
                    f"--{setting}").startswith(start)
 
 
+@pytest.mark.quick
 def test_folders_that_are_files_are_refused(study, capsys):
     (study / "taken").write_text("")
     assert refused(capsys, study, "experiment", "--config", "study.yaml",
@@ -226,6 +227,7 @@ def test_missing_data_is_refused_before_any_stage_or_log_folder(study, capsys, c
     assert line.startswith(f"error: dataset 'mnist' not found under {study / 'empty'}: put ")
 
 
+@pytest.mark.quick
 def test_an_empty_store_name_is_refused(study, capsys):
     assert refused(capsys, study, "experiment", "--config", "study.yaml", "--study.store=") == (
         "error: study.store is empty; give the stage store's folder (default: store)")

@@ -176,6 +176,7 @@ def violations(package: Path, layers: dict[str, tuple[str, ...]]) -> list[str]:
     return problems
 
 
+@pytest.mark.quick
 def test_lightning_lth_keeps_its_layer_order_without_circles():
     graph = import_graph(PACKAGE)
     assert len(graph) > 40 and "lightning_lth.training.module" in graph  # it read the package
@@ -258,6 +259,7 @@ def imported_names(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.quick
 def test_no_test_module_imports_another_and_bench_imports_no_test_code():
     tests, bench = PACKAGE.parent / "tests", PACKAGE.parent / "bench"
     test_imports = {path.name: imported_names(path) for path in sorted(tests.glob("*.py"))}

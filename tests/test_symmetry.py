@@ -49,6 +49,7 @@ def assert_same_function(f, g, x):
 # permutations keep the function
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg11"])
 def test_random_permutation_keeps_function(name):
     model = make(name)
@@ -157,6 +158,7 @@ def test_barrier_of_planted_match_is_zero(name):
 # masks
 
 
+@pytest.mark.quick
 def test_permuted_mask_keeps_sparsity_and_follows_weights():
     model = make("resnet20")
     spec = model.permutation_spec()
@@ -190,6 +192,7 @@ def _broken(spec: PermutationSpec, name: str, axis: int) -> PermutationSpec:
     return PermutationSpec(axes, spec.points, spec.check_input_shape)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name,tensor,axis,group", [
     ("resnet20", "stages.1.0.conv1.weight", 1, "stage0"),  # block input not permuted
     ("resnet20", "stages.2.1.bn2.running_var", 0, "stage2"),  # one BN buffer forgotten
@@ -228,6 +231,7 @@ def test_unknown_method_and_mismatched_nets():
         match(a, make("mlp", seed=1), method="activation")
 
 
+@pytest.mark.quick
 def test_wrong_permutation_refused():
     model = make("mlp")
     spec = model.permutation_spec()
