@@ -6,7 +6,7 @@ CONFIG ?= configs/demo_fmnist.yaml
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slurm test-all demo bench lint clean
+.PHONY: help install test test-quick test-slurm test-all demo bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ install: $(STAMP) ## create .venv and install the project with its dev tools
 
 test: $(STAMP) ## the fast test suite (CI runs this)
 	$(PY) -m pytest -q
+
+test-quick: $(STAMP) ## a few of the fastest tests of each package (under 2 minutes on 2 cores)
+	$(PY) -m pytest -q -m quick
 
 test-slurm: $(STAMP) ## grid on a real SLURM cluster started by the tests (root, Debian's packages)
 	$(PY) -m pytest -q -m "" tests/test_slurm.py

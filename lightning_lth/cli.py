@@ -73,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parser_error(message: str) -> str:
-    """jsonargparse's error as one line; a value out of a range type's bounds, or of none of
-    a union's types (whose message lists every alternative), as ``<key>=<value> is not
-    allowed: ...``."""
+    """jsonargparse's error as one line; a value out of a range type's bounds, not among a
+    Literal's choices, or of none of a union's types (whose message lists every alternative),
+    as ``<key>=<value> is not allowed: ...``."""
     text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", message).replace("NoneType", "null")
     key = re.search(r'Parser key "([^"]+)"', text)
+    choice = re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", text)
+    if key is not None and choice is not None:
+        return (f"{key.group(1)}={choice.group(2).strip()} is not allowed: expected one of "
+                + ", ".join(name.strip(" '\"") for name in choice.group(1).split(",")))
     value = (re.search(r"Given value: (.*)", text)
              or re.search(r"Not of type \w+: (.*) does not conform", text))
     bounds = re.search(r"does not conform to restriction (.+)", text)

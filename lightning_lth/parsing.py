@@ -10,7 +10,7 @@ import argparse
 import textwrap
 import warnings
 
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_lth.data import LTHDataModule
@@ -18,6 +18,9 @@ from lightning_lth.errors import LTHError
 from lightning_lth.experiment.config import SEED_MAX, Study
 from lightning_lth.training.callbacks import RewindSnapshots, check_rewind_epochs
 from lightning_lth.training.module import LTHModule
+
+# The string after each ``study`` dataclass field is that setting's `--help` text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 PIPELINE_COMMANDS = ("prune", "match", "experiment", "plan")
 # A setting that was replaced: its old name, in a config file or on the command line, is

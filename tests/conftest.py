@@ -165,6 +165,23 @@ def assert_interleaves(whole, ranks) -> None:
             assert torch.equal(batches[k][1], labels[:keep][rank::world])
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "requires_cuda(why): skipped, with why, where torch sees no CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.requires_cuda("why")`` skips with "needs a CUDA device: why" on a
+    machine without one (a CPU-only CI), so every CUDA case is listed as skipped there."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        marker = item.get_closest_marker("requires_cuda")
+        if marker is not None:
+            why = marker.args[0] if marker.args else "torch.cuda.is_available() is false"
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA device: {why}"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tests run torch on one intra-op thread (and run_cli's subprocesses too).

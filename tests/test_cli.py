@@ -164,6 +164,7 @@ def test_print_config_shows_the_resolved_config(tmp_path):
     assert not (tmp_path / "logs").exists()  # printing the config trains nothing
 
 
+@pytest.mark.quick
 def test_help_lists_every_command_one_line_each(capsys):
     assert main(["--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -185,6 +186,28 @@ def test_study_command_help_starts_with_what_it_does_and_an_example(capsys, comm
     assert lines[example + 3] == "options:"
 
 
+@pytest.mark.quick
+def test_every_study_setting_has_its_help_line(capsys):
+    """The study dataclasses' field docstrings are `experiment --help`'s help texts."""
+    with pytest.raises(SystemExit):
+        main(["experiment", "--help"])
+    helps, option = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            option = line.split()[0] if line.startswith("  --study.") else None
+            if option and " CONFIG" not in line:  # a section's own --study.x CONFIG entry
+                helps[option] = line[24:].strip() if line[22:24] == "  " else ""
+        elif option in helps and line.strip():
+            helps[option] = f"{helps[option]} {line.strip()}".strip()
+    assert len(helps) >= 35, sorted(helps)
+    assert not [name for name, text in helps.items() if text.startswith("(type:")]
+    assert helps["--study.fuse"].startswith("Arms (of one k) trained side by side")
+    assert helps["--study.prune.chain"].startswith("shared: one chain stopping at each target")
+    assert "Literal['shared', 'per_target']" in helps["--study.prune.chain"]
+    assert helps["--study.match.repair"].startswith("Also the REPAIR curves")
+
+
+@pytest.mark.quick
 def test_shipped_demo_config_parses(capsys):
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(REPO / "configs" / "demo_fmnist.yaml"), "--print_config"])

@@ -26,7 +26,7 @@ from lightning_lth.training import module as module_file
 from lightning_lth.training.module import LTHModule
 
 ATOL = 1e-5  # after 2 epochs of 9 steps, lr 0.05: eager vs graphed fused SGD
-NO_CUDA = "needs a CUDA device: CUDA graphs are captured on a GPU only (none here)"
+NO_CUDA = "CUDA graphs are captured on a GPU only"
 
 
 class GraphSeen(L.Callback):
@@ -69,6 +69,7 @@ def check_mask_exact(module: LTHModule) -> None:
         assert torch.count_nonzero(params[name].detach()[~keep.to(params[name].device)]) == 0
 
 
+@pytest.mark.quick
 def test_cuda_graphs_fall_back_on_cpu_same_numbers_said_once(monkeypatch):
     monkeypatch.setattr(module_file, "_told_no_cuda", set())  # as in a fresh process
     eager, eager_trainer, _ = train("cpu", cuda_graphs=False)
@@ -85,7 +86,7 @@ def test_cuda_graphs_fall_back_on_cpu_same_numbers_said_once(monkeypatch):
         assert torch.equal(again.net.state_dict()[name], value), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.requires_cuda(NO_CUDA)
 def test_cuda_graph_step_matches_the_eager_step():
     eager, eager_trainer, eager_seen = train("cuda", cuda_graphs=False)
     graphed, trainer, seen = train("cuda", cuda_graphs=True)
@@ -103,7 +104,7 @@ def test_cuda_graph_step_matches_the_eager_step():
             float(eager_trainer.callback_metrics[key]), abs=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.requires_cuda(NO_CUDA)
 def test_graphed_passes_capture_after_warmup_replay_and_run_odd_batches_eagerly():
     total = torch.zeros((), dtype=torch.float64, device="cuda")
     seen = []  # Python side effects happen only when a pass runs eagerly or is captured
@@ -122,7 +123,7 @@ def test_graphed_passes_capture_after_warmup_replay_and_run_odd_batches_eagerly(
     assert float(total) == 2 * (8 * sum(range(1, 7)) + 3 * 10.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.requires_cuda(NO_CUDA)
 def test_graphed_matching_equals_eager_matching():
     torch.manual_seed(0)
     nets = [build_model("resnet20", 1, 10, 3, 32).cuda() for _ in range(2)]

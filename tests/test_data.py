@@ -63,6 +63,7 @@ def all_batches(loader):
 
 
 # -- the files themselves -------------------------------------------------------------------
+@pytest.mark.quick
 def test_idx_files_have_the_real_header(tmp_path):
     root = write_idx_dataset(tmp_path, "fashion_mnist", n_train=12, n_test=5)
     raw = root / "FashionMNIST" / "raw"
@@ -82,6 +83,7 @@ def test_idx_files_have_the_real_header(tmp_path):
     assert read(again / name) == read(root / name) != read(other / name)
 
 
+@pytest.mark.quick
 def test_cifar_pickles_look_like_the_real_ones(tmp_path):
     root = write_cifar_dataset(tmp_path, "cifar10", n_train=10, n_test=4)
     folder = root / "cifar-10-batches-py"
@@ -336,6 +338,7 @@ def test_missing_data_without_download_names_what_goes_where(tmp_path, no_system
     assert files in message and "download" in message
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("damage", ["truncated", "not gzip"])
 def test_corrupt_gz_is_one_clear_error_and_leaves_no_litter(tmp_path, no_system_dirs, damage):
     root = write_idx_dataset(tmp_path, "fashion_mnist", 16, 8)
@@ -357,6 +360,7 @@ def test_partial_cifar_is_reported_missing(tmp_path, allow_unverified_cifar):
         LTHDataModule("cifar10", str(root), download=False).setup("fit")
 
 
+@pytest.mark.quick
 def test_unknown_dataset_lists_valid_ones():
     with pytest.raises(LTHError) as info:
         LTHDataModule("svhn")

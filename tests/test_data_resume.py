@@ -38,6 +38,7 @@ def fit(root, data_dir, loader, callbacks=(), ckpt_path=None):
     return module.net.state_dict()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("loader", ["device", "torchvision"])
 def test_resumed_fit_equals_uninterrupted_fit(tmp_path, loader):
     data_dir = write_idx_dataset(tmp_path / "data", "fashion_mnist")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from conftest import run_cli
-from test_experiment import IMP_ROUNDS, NO_WANDB, events, records, tiny_config
+from helpers import IMP_ROUNDS, NO_WANDB, events, records, tiny_config
 
 from lightning_lth.io import load_tensors
 from lightning_lth.sparsity.mask import Mask

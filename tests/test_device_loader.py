@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_interleaves
+from helpers import DEVICES
 from PIL import Image
 from torch.utils.data import Subset
 from torchvision import transforms
@@ -23,7 +24,6 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # normalize() is (x/255 - mean)/std as one multiply-add; torchvision computes it in three
 # steps. Values are within +-3, where a float32 ulp is 2.4e-7: allow a few ulps.
 NORM_ATOL = 1e-6
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def random_images(count, channels=3, size=32, seed=0):
@@ -91,6 +91,7 @@ def test_ddp_shards_are_disjoint_equal_and_cover(world_size):
     assert set(union.tolist()) <= set(range(count))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("augment", [True, False])
 def test_ddp_ranks_together_make_the_one_rank_batches(world_size, augment):
@@ -283,6 +284,7 @@ def test_training_without_augmentation_is_shuffled_but_unchanged():
 
 
 # -- inputs ------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_rejects_bad_inputs():
     with pytest.raises(LTHError, match="uint8"):
         make_loader(random_images(4).float())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from test_experiment import events, records, tiny_config
+from helpers import events, records, tiny_config
 
 from lightning_lth.cli import main
 from lightning_lth.experiment.plan import build_plan

@@ -3,6 +3,7 @@ torchmetrics objects they replaced (the study's records and CSVs must not move).
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -11,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_lth.training.epoch_sums import EpochSums
 
 
+@pytest.mark.quick
 def test_epoch_values_equal_torchmetrics_to_the_bit_then_start_again():
     generator = torch.Generator().manual_seed(0)
     sums = EpochSums()

@@ -11,45 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import REPO, run_cli, write_idx_dataset
+from conftest import REPO, run_cli
+from helpers import IMP_ROUNDS, NO_WANDB, events, records, tiny_config
 
 from lightning_lth.cli import main
 from lightning_lth.io import save_tensors
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.training.module import LTHModule
-
-NO_WANDB = {"WANDB_MODE": "disabled"}
-IMP_ROUNDS = 8  # targets 0.5 and 0.8 with fraction 0.2: one shared chain of 8 rounds
-
-
-def tiny_config(tmp_path: Path, n_train: int = 256, **study) -> Path:
-    """A whole study on tiny Fashion-MNIST-format data: MLP 784-32-32-10, T = 3."""
-    data_dir = write_idx_dataset(tmp_path / "data", "fashion_mnist", n_train=n_train, n_test=128)
-    config = {
-        "seed_everything": 0,
-        "trainer": {"max_epochs": 3, "accelerator": "cpu", "deterministic": True,
-                    "enable_model_summary": False},
-        "model": {"arch": "mlp", "arch_kwargs": {"hidden": [32, 32]}, "lr": 0.05},
-        "data": {"dataset": "fashion_mnist", "data_dir": str(data_dir), "batch_size": 64,
-                 "download": False},
-        "study": {"store": str(tmp_path / "store"), "sparsities": [0.5, 0.8],
-                  "rewind_epochs": [0, 1], "prune": {"epochs_per_round": 1},
-                  "match": {"interpolation_points": 11}, "wandb_mode": "disabled", **study},
-    }
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def events(store: Path, kind: str = "compute") -> list[dict]:
-    log = store / "events.log"
-    lines = log.read_text().splitlines() if log.exists() else []
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
-
-
-def records(store: Path) -> list[dict]:
-    return [json.loads(line) for line in (store / "results.jsonl").read_text().splitlines()]
 
 
 def comparable(rows: list[dict]) -> list[tuple]:
@@ -132,7 +100,7 @@ def test_one_cell_override_runs_only_that_arm(tmp_path):
     ("--model.schedule_epochs=3", "model.schedule_epochs is for `fit`"),
     ("--model.width=1.5", 'Parser key "model.width"'),
     ("--trainer.max_epochs=two", "trainer.max_epochs=two is not allowed: expected int or null"),
-    ("--study.wandb_mode=loud", "unknown study.wandb_mode 'loud'"),
+    ("--study.wandb_mode=loud", "study.wandb_mode=loud is not allowed: expected one of auto"),
 ])
 def test_bad_cells_fail_before_any_work(tmp_path, capsys, override, message):
     config = tiny_config(tmp_path)
@@ -207,6 +175,7 @@ def test_corrupt_artifact_is_detected_and_recomputed(tmp_path):
     assert list((store / "dense").glob("*.corrupt-*"))  # the bad copy is kept aside
 
 
+@pytest.mark.quick
 def test_prune_and_match_refuse_bad_inputs_before_any_work(tmp_path, capsys):
     config = tiny_config(tmp_path)
     assert main(["prune", "--config", str(config),
@@ -230,6 +199,7 @@ def test_prune_and_match_refuse_bad_inputs_before_any_work(tmp_path, capsys):
     assert not list(tmp_path.rglob("lightning_logs"))
 
 
+@pytest.mark.quick
 def test_match_command_writes_pi_permuted_weights_mask_and_report(tmp_path):
     config = tiny_config(tmp_path)
     store = tmp_path / "store"

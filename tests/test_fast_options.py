@@ -18,6 +18,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from helpers import DEVICES
 
 from lightning_lth.data import DeviceLoader
 from lightning_lth.training.module import LTHModule
@@ -25,7 +26,6 @@ from lightning_lth.training.module import LTHModule
 # 256 validation images: 0.05 is 13 of them. fp32 reaches ~0.98 here.
 TOLERANCE, FLOOR = 0.05, 0.9
 ARCHS = {"resnet8": ("resnet20", {"blocks_per_stage": 1}), "mlp": ("mlp", {"hidden": (32,)})}
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def quadrant_task(count: int, seed: int):
@@ -73,6 +73,7 @@ def check_close_to_fp32(accuracy: float, device: str, arch: str) -> None:
     assert abs(accuracy - baseline) <= TOLERANCE, (accuracy, baseline)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("precision", "channels_last"),
                          [("bf16-mixed", False), ("32-true", True), ("bf16-mixed", True)])

@@ -12,8 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, write_idx_dataset
-from test_experiment import events, tiny_config
-from test_resume import assert_same, experiment, results, stage_outputs
+from helpers import DEVICES, assert_same, events, experiment, results, stage_outputs, tiny_config
 from torch import nn
 
 from lightning_lth.cli import main
@@ -30,7 +29,6 @@ WEIGHT_TOLERANCE = 1e-5
 # On CUDA, with TF32 off: float32 kernels that differ from the alone run's (a grouped
 # convolution, a batched matmul) and atomics whose order varies from run to run.
 CUDA_WEIGHT_TOLERANCE = 1e-4
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 class SmallBNNet(nn.Module):
@@ -113,6 +111,7 @@ def no_tf32():
 STEPS = {"mlp": 8, "conv+bn": 8, "resnet20": 1}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fused_members_equal_their_alone_runs(tmp_path, name, device, no_tf32):
@@ -148,6 +147,7 @@ def test_fused_members_equal_their_alone_runs(tmp_path, name, device, no_tf32):
         assert abs(metrics["test/loss"] - tested["test/loss"]) <= 1e-4
 
 
+@pytest.mark.quick
 def test_a_model_vmap_cannot_run_is_refused_before_training():
     group = [LTHModule(arch=f"{__name__}.DataDependent", num_classes=10, in_channels=1,
                        image_size=28) for _ in range(2)]
@@ -157,6 +157,7 @@ def test_a_model_vmap_cannot_run_is_refused_before_training():
         FusedArms(group, example_input(1, 28))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("switch", ["compile", "channels_last", "cuda_graphs"])
 def test_model_switches_fused_arms_do_not_honour_are_refused(switch):
     group = members(MODELS["mlp"], 2)

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli
-from test_experiment import NO_WANDB, tiny_config
+from helpers import NO_WANDB, tiny_config
 
 from lightning_lth import numerics
 from lightning_lth.cli import main
@@ -164,6 +164,7 @@ def test_sealed_stages_record_what_they_were_computed_with(golden):
         assert stage["key_inputs"]["policy"] == 2 and stage["key_inputs"]["kind"] == stage["kind"]
 
 
+@pytest.mark.quick
 def test_the_demo_configs_keys_are_pinned():
     keys = plan_keys(REPO / "configs" / "demo_fmnist.yaml")
     assert {name: keys[name] for name in DEMO} == DEMO, "a re-key: update DEMO deliberately"
@@ -191,6 +192,7 @@ def test_bumping_a_version_re_keys_exactly_the_stages_that_run_its_code(
     assert rekeyed(config, before) == changed
 
 
+@pytest.mark.quick
 def test_bumping_a_models_version_re_keys_only_its_stages(tmp_path, monkeypatch):
     config = golden_config(tmp_path)
     before = plan_keys(config)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, run_cli
-from test_experiment import tiny_config
+from helpers import rows_without_timing, tiny_config
 
 from lightning_lth.cli import main
 from lightning_lth.experiment.runner import Runner
@@ -26,7 +26,6 @@ from lightning_lth.training.failpoints import KillSwitch
 
 SWEEPS = REPO / "sweeps"
 NO_WANDB = ("--study.wandb_mode=disabled", "--trainer.logger=false")
-TIMING_AND_PATHS = ("wall_time_s", "finished_at", "connectivity")
 
 
 def stage_counts(sweep: dict) -> int:
@@ -116,6 +115,7 @@ def hand_graph() -> GridGraph:
     return GridGraph(nodes, cells, Path("unused"))
 
 
+@pytest.mark.quick
 def test_schedule_and_simulator_match_a_hand_computed_graph():
     graph = hand_graph()
     seconds = schedule.epochs_only().seconds(graph)
@@ -182,11 +182,6 @@ def test_slurm_jobs_are_submitted_with_dependencies_and_resources(tmp_path, monk
         assert "submitit.core._submit" in text  # the pickled job runs through submitit
 
 
-def comparable(rows: list[dict]) -> list[dict]:
-    return sorted(({k: v for k, v in row.items() if k not in TIMING_AND_PATHS} for row in rows),
-                  key=lambda row: row["key"])
-
-
 def test_two_local_workers_survive_a_killed_worker_and_equal_the_serial_run(tmp_path):
     """Two CPU workers (one torch thread each) run a small grid while dense B's worker is
     SIGKILLed after its first epoch: the driver retries it, the store resumes it, every stage
@@ -213,7 +208,7 @@ def test_two_local_workers_survive_a_killed_worker_and_equal_the_serial_run(tmp_
     rows = [json.loads(line) for line in (grid_store / "results.jsonl").read_text().splitlines()]
     alone = [json.loads(line)
              for line in (serial_store / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and comparable(rows) == comparable(alone)
+    assert len(rows) == 2 and rows_without_timing(rows) == rows_without_timing(alone)
     assert {row["num_threads"] for row in rows} == {1}
     spec = GridSpec(("--config", str(config)), {"study.only.arm": ["lth", "permuted"]},
                     (f"--study.store={grid_store}", *cells))
@@ -292,5 +287,5 @@ def test_two_local_workers_train_a_fused_group_once_equal_to_the_serial_run(tmp_
     rows = [json.loads(line) for line in (grid_store / "results.jsonl").read_text().splitlines()]
     alone = [json.loads(line)
              for line in (serial_store / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and comparable(rows) == comparable(alone)
+    assert len(rows) == 2 and rows_without_timing(rows) == rows_without_timing(alone)
     assert {row["fused"] for row in rows} == {2}

@@ -54,6 +54,7 @@ def test_imagenet_folders_load_with_the_standard_transforms(tmp_path):
         assert images.shape == (4, 3, 224, 224) and labels.tolist() == [0, 0, 1, 1]
 
 
+@pytest.mark.quick
 def test_imagenet_refuses_the_device_loader_and_names_missing_folders(tmp_path):
     with pytest.raises(LTHError, match="data.loader=device is not allowed for 'imagenet'"):
         LTHDataModule("imagenet", str(tmp_path))

@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass
 
 import pytest
-from test_experiment import tiny_config
+from helpers import tiny_config
 
 from lightning_lth.cli import main
 from lightning_lth.errors import LTHError
@@ -273,6 +273,7 @@ def test_keying_an_excluded_field_is_caught(config, monkeypatch):
     assert wrong_effects(config, "study.store", expectation("study.store"))
 
 
+@pytest.mark.quick
 def test_arms_share_a_data_order_per_k_distinct_from_the_dense_nets():
     assert keys.order_seed("arm", 0, 2, None) == keys.order_seed("arm", 0, 2, None)
     seeds = {keys.order_seed("arm", 0, k, None) for k in range(5)}

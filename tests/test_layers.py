@@ -176,6 +176,7 @@ def violations(package: Path, layers: dict[str, tuple[str, ...]]) -> list[str]:
     return problems
 
 
+@pytest.mark.quick
 def test_lightning_lth_keeps_its_layer_order_without_circles():
     graph = import_graph(PACKAGE)
     assert len(graph) > 40 and "lightning_lth.training.module" in graph  # it read the package
@@ -241,3 +242,34 @@ def test_the_checker_finds_a_circle_between_packages_through_different_modules(t
 ])
 def test_each_module_has_one_layer_by_its_longest_entry(module, layer):
     assert layer_of(module, LAYERS, "lightning_lth") == layer
+
+
+# -- the tests and benchmarks: shared helpers live in conftest.py / helpers.py ------------
+TEST_ONLY = ("conftest", "helpers", "tests")
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module an ``import`` at any depth of ``path`` names (relative ones as written)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.quick
+def test_no_test_module_imports_another_and_bench_imports_no_test_code():
+    tests, bench = PACKAGE.parent / "tests", PACKAGE.parent / "bench"
+    test_imports = {path.name: imported_names(path) for path in sorted(tests.glob("*.py"))}
+    assert {"conftest", "helpers"} <= test_imports["test_fused.py"]  # it read the imports
+    assert not {name: sorted(n for n in found if n.split(".")[0].startswith("test_"))
+                for name, found in test_imports.items()
+                if any(n.split(".")[0].startswith("test_") for n in found)}
+    bench_files = sorted(bench.glob("*.py"))
+    assert len(bench_files) > 5
+    for path in bench_files:
+        found = imported_names(path)
+        assert not [n for n in found if n.split(".")[0] in TEST_ONLY or n.startswith("test_")], path
+        assert "sys.path" not in path.read_text(), f"{path} changes sys.path"

@@ -33,6 +33,7 @@ def resnet20_count(w: int, classes: int) -> int:
     return stem + stage1 + stage2 + stage3 + fc
 
 
+@pytest.mark.quick
 def test_resnet20x1_parameter_count_by_hand():
     # stem:    3*16*9 = 432 conv + 32 BN                                   =     464
     # stage 1: 3 blocks x (16*16*9 + 32 + 16*16*9 + 32) = 3 x 4,672        =  14,016
@@ -78,6 +79,7 @@ def test_vgg11x1_parameter_count_by_hand():
     assert [type(m) for m in net.modules()].count(nn.Linear) == 1
 
 
+@pytest.mark.quick
 def test_mlp_parameter_count():
     net = build_model("mlp", 1, 10, 1, 28)
     assert n_params(net) == (784 * 512 + 512) + 2 * (512 * 512 + 512) + (512 * 10 + 10)
@@ -117,6 +119,7 @@ def test_width_scales_channels():
     assert outs(m1) == [512, 512, 512, 10] and outs(m4) == [2048, 2048, 2048, 10]
 
 
+@pytest.mark.quick
 def test_unknown_model_lists_valid_names():
     with pytest.raises(LTHError) as info:
         build_model("resnet18", 1, 10, 3, 32)
@@ -127,6 +130,7 @@ def test_unknown_model_lists_valid_names():
     assert set(MODELS) >= {"mlp", "resnet20", "vgg11"}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("width", [0, -1, 1.5, "2", True, None])
 def test_bad_width(width):
     with pytest.raises(LTHError, match=r"width must be an integer >= 1, got") as info:

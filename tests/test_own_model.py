@@ -37,6 +37,7 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+@pytest.mark.quick
 def test_user_class_gets_only_the_arguments_it_declares():
     net = build_model(f"{__name__}.SmallCNN", 1, 7, 3, 32, {"hidden": 5})
     assert net.head.out_features == 7 and net.features[0].in_channels == 3
@@ -46,6 +47,7 @@ def test_user_class_gets_only_the_arguments_it_declares():
     assert type(build_model("resnet20", 1, 10, 3, 32)).__name__ == "ResNet20"  # registry
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("arch, kwargs, width, message", [
     ("nosuchpackage.Net", {}, 1, "'nosuchpackage.Net' does not import"),
     ("torch.nn.NoSuchNet", {}, 1, "'torch.nn.NoSuchNet' does not import"),

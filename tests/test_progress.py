@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 from conftest import run_cli
+from helpers import IMP_ROUNDS, tiny_config
 from rich.console import Console
-from test_experiment import IMP_ROUNDS, tiny_config
 
 from lightning_lth.experiment.progress import (
     LiveProgress,
@@ -64,6 +64,7 @@ def fake_run(view, clock: FakeClock, stages, after_epoch=lambda stage, epoch: No
         view.finished(stage)
 
 
+@pytest.mark.quick
 def test_eta_from_a_fake_runner_with_known_epoch_times():
     clock, out = FakeClock(), io.StringIO()
     view = PlainProgress("experiment", STAGES, clock=clock, out=out)
@@ -100,6 +101,7 @@ def fake_runner(status: dict[str, str] | None = None, runs=()):
         tracking=SimpleNamespace(runs=list(runs)))
 
 
+@pytest.mark.quick
 def test_plain_log_is_a_header_a_line_per_stage_start_and_end_and_a_footer(capsys):
     clock = FakeClock()
     runner = fake_runner({"dense A": "done"}, runs=["/store/wandb/wandb/offline-run-1/"])

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from test_experiment import records, tiny_config
+from helpers import records, tiny_config
 
 from lightning_lth.cli import main
 from lightning_lth.experiment import stages

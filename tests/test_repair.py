@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_symmetry import MODELS, make, permuted_copy
+from helpers import MODELS, make, permuted_copy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -47,6 +47,7 @@ def two_unit_pair():
     return a.eval(), b
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("alpha", [0.25, 0.5])
 def test_corrected_interpolation_of_a_hand_made_pair_is_known_in_closed_form(alpha):
     """At alpha, hidden unit 0's pre-activation is (1 - a) x1 + a x2 + 1: mean 1 (as at both
@@ -221,6 +222,7 @@ class Twice(nn.Module):
         return self.out(torch.relu(self.hidden(x) + self.hidden(2 * x)))
 
 
+@pytest.mark.quick
 def test_refusals():
     a, b = make("mlp", 0), make("mlp", 1)
     spec = a.permutation_spec()

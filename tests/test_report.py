@@ -17,7 +17,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 from conftest import run_cli
-from test_experiment import NO_WANDB, tiny_config
+from helpers import NO_WANDB, tiny_config
 
 from lightning_lth import report
 from lightning_lth.errors import LTHError
@@ -159,6 +159,7 @@ def test_pngs_exist_and_are_valid_images(built):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
+@pytest.mark.quick
 def test_uneven_seed_counts_show_n(tmp_path):
     recs = [r for r in all_records(tmp_path)
             if not (r["seed"] == 2 and r["method"] == "naive" and r["rewind_epoch"] == 5)]
@@ -216,6 +217,7 @@ def test_repair_barriers_get_their_columns_and_curves_and_older_records_still_lo
     assert not curves and any("curves.repair.matched" in note for note in notes)
 
 
+@pytest.mark.quick
 def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
     good = all_records(tmp_path)
     missing = record(tmp_path)
@@ -252,6 +254,7 @@ def test_bad_lines_are_reported_and_report_still_builds(tmp_path, capsys):
     assert "skipped 6 bad line(s) (line 2, 3, 4, 5, 6, 7" in capsys.readouterr().err
 
 
+@pytest.mark.quick
 def test_missing_or_empty_inputs_raise_one_line_errors(tmp_path):
     with pytest.raises(LTHError, match="results file not found"):
         load_records(tmp_path / "nope.jsonl")

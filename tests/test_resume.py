@@ -7,65 +7,15 @@ callback), so every scenario is deterministic. Every process runs torch on one t
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_experiment import NO_WANDB, events, tiny_config
+from helpers import assert_same, events, experiment, results, stage_outputs, tiny_config
 
 from lightning_lth.experiment.plan import build_plan
 from lightning_lth.parsing import make_cli
-from lightning_lth.training.failpoints import KillSwitch
-
-VARYING = {"wall_time_s", "finished_at", "connectivity"}  # timing and path fields
-SCRATCH = {"logs", "wandb", "checkpoints"}
-
-
-def stage_outputs(store: Path) -> dict[str, object]:
-    """Every output of every finished stage: tensors loaded, JSON parsed."""
-    found = {}
-    for path in sorted(store.glob("*/*/**/*")):
-        relative = path.relative_to(store)
-        stage_folder = relative.parts[1]
-        if (not path.is_file() or "." in stage_folder.rsplit("-", 1)[-1]
-                or SCRATCH & set(relative.parts) or path.name == "MANIFEST.json"):
-            continue
-        if path.suffix == ".pt":
-            found[str(relative)] = torch.load(path, weights_only=True)
-        elif path.suffix == ".json":
-            found[str(relative)] = json.loads(path.read_text())
-        else:
-            found[str(relative)] = path.read_bytes() if path.suffix != ".png" else "png"
-    return found
-
-
-def assert_same(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a.keys() - VARYING:
-            assert_same(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{index}]")
-    else:
-        assert a == b or (a != a and b != b), (where, a, b)  # NaN equals NaN here
-
-
-def results(store: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (store / "results.jsonl").read_text().splitlines()]
-    return sorted(rows, key=lambda row: row["key"])
-
-
-def experiment(folder: Path, *overrides: str, kill_at: str | None = None):
-    env = dict(NO_WANDB, **({KillSwitch.ENV: kill_at} if kill_at else {}))
-    return run_cli("experiment", "--config", folder / "study.yaml", "--trainer.enable_progress_bar=false",
-                   *overrides, cwd=folder, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,7 @@ def test_a_mask_that_does_not_fit_fails_at_fit_start_with_lth_error():
 
 
 # -- Mask ------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_mask_save_load_round_trip(tmp_path):
     net = tiny_mlp().net
     mask = random_mask(net, 0.7)
@@ -209,6 +210,7 @@ def test_mask_save_load_round_trip(tmp_path):
     loaded.check_fits(net, "mlp", 1)
 
 
+@pytest.mark.quick
 def test_check_fits_errors():
     net = tiny_mlp().net
     good = random_mask(net)
@@ -245,6 +247,7 @@ def test_bad_mask_files_give_lth_error(tmp_path):
 
 
 # -- which weights are pruned ----------------------------------------------------------------
+@pytest.mark.quick
 def test_prunable_names_defaults():
     resnet = LTHModule("resnet20").net
     names = imp.prunable_names(resnet)
@@ -304,6 +307,7 @@ def test_schedule_paper_targets_round_counts(prunable):
         assert rounds[-1].zeros - rounds[-2].zeros <= round(0.2 * live)  # lands, no overshoot
 
 
+@pytest.mark.quick
 def test_schedule_shared_prefix_equals_per_target_chain():
     prunable = 50_000
     shared = imp.imp_schedule(prunable, [0.8], 0.2, "shared")
@@ -319,6 +323,7 @@ def test_schedule_target_zero_and_small_counts():
     assert [r.zeros for r in rounds] == list(range(1, 10))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("targets, match", [
     ([0.8, 0.8], "0.8.*strictly increasing"),
     ([0.9, 0.8], "0.8.*strictly increasing"),

@@ -39,10 +39,12 @@ def agent_argv(sweep: dict, params: dict) -> list[str]:
     return argv
 
 
+@pytest.mark.quick
 def test_every_sweep_file_is_listed():
     assert {p.stem for p in SWEEPS.glob("*.yaml")} == set(GRID_SIZES)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", sorted(GRID_SIZES))
 def test_sweep_grid_has_the_paper_size(name):
     sweep = load(name)

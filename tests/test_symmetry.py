@@ -5,13 +5,13 @@ CPU, narrow nets, random data (TensorDataset batches); real-data checks live els
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
 
 import pytest
 import torch
+from helpers import MODELS, make, permuted_copy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lth.errors import LTHError
@@ -29,30 +29,6 @@ from lightning_lth.symmetry import (
 )
 from lightning_lth.symmetry.connectivity import barrier, make_alphas
 
-MODELS = {
-    # name: (build kwargs, input shape used in tests)
-    "mlp": (dict(in_channels=1, image_size=8, hidden=(32, 32, 32)), (1, 8, 8)),
-    "resnet20": (dict(in_channels=3, image_size=32), (3, 16, 16)),  # fully conv: 16x16 is fine
-    "vgg11": (dict(in_channels=3, image_size=32), (3, 32, 32)),
-}
-
-
-def make(name: str, seed: int = 0, width: int = 1, lively: bool = True):
-    """A net in a generic, non-fresh state: BN running stats from random data, and biases
-    nudged positive so that random data leaves no ReLU unit dead (a dead unit is constant on
-    the data, so no matching can tell two of them apart)."""
-    kwargs, shape = MODELS[name]
-    torch.manual_seed(seed)
-    model = build_model(name, width, 10, **kwargs)
-    with torch.no_grad():
-        if lively:
-            for key, param in model.named_parameters():
-                if key.endswith("bias"):
-                    param.add_(0.05 + 0.05 * torch.rand_like(param))
-        model.train()
-        model(torch.randn(8, *shape))  # BN running stats away from (0, 1)
-    return model.eval()
-
 
 def batches(name: str, count: int = 2, size: int = 16, seed: int = 1):
     shape = MODELS[name][1]
@@ -60,12 +36,6 @@ def batches(name: str, count: int = 2, size: int = 16, seed: int = 1):
     data = TensorDataset(torch.randn(count * size, *shape, generator=gen),
                          torch.randint(0, 10, (count * size,), generator=gen))
     return DataLoader(data, batch_size=size, shuffle=False)
-
-
-def permuted_copy(model, spec, perm):
-    other = copy.deepcopy(model)
-    other.load_state_dict(apply_permutation(model.state_dict(), spec, perm))
-    return other.eval()
 
 
 def assert_same_function(f, g, x):
@@ -79,6 +49,7 @@ def assert_same_function(f, g, x):
 # permutations keep the function
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg11"])
 def test_random_permutation_keeps_function(name):
     model = make(name)
@@ -187,6 +158,7 @@ def test_barrier_of_planted_match_is_zero(name):
 # masks
 
 
+@pytest.mark.quick
 def test_permuted_mask_keeps_sparsity_and_follows_weights():
     model = make("resnet20")
     spec = model.permutation_spec()
@@ -220,6 +192,7 @@ def _broken(spec: PermutationSpec, name: str, axis: int) -> PermutationSpec:
     return PermutationSpec(axes, spec.points, spec.check_input_shape)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name,tensor,axis,group", [
     ("resnet20", "stages.1.0.conv1.weight", 1, "stage0"),  # block input not permuted
     ("resnet20", "stages.2.1.bn2.running_var", 0, "stage2"),  # one BN buffer forgotten
@@ -258,6 +231,7 @@ def test_unknown_method_and_mismatched_nets():
         match(a, make("mlp", seed=1), method="activation")
 
 
+@pytest.mark.quick
 def test_wrong_permutation_refused():
     model = make("mlp")
     spec = model.permutation_spec()

@@ -155,6 +155,7 @@ BUILT_IN = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", sorted(BUILT_IN))
 def test_derived_spec_equals_hand_written(name):
     kwargs, shape = BUILT_IN[name]
@@ -270,6 +271,7 @@ class Cat(nn.Module):
         return torch.cat([x, x], 1)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("body,head_in,pattern", [
     (Cumsum(), 8, r"unsupported function torch\.cumsum at graph node 'cumsum'"),
     (nn.Conv2d(8, 8, 3, groups=2), 8,

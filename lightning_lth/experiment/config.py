@@ -9,6 +9,7 @@ and used here as ``study.prune``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -16,6 +17,9 @@ from lightning_lth.ranges import InterpolationPoints, Momentum
 from lightning_lth.sparsity.imp import PruneSettings  # IMP owns its settings
 
 SEED_MAX = 2**32 - 1  # numpy's, which seed_everything seeds too
+
+WandbMode = Literal["auto", "online", "offline", "disabled"]  # tracking.MODES
+
 
 @dataclass
 class MatchSettings:
@@ -26,16 +30,22 @@ class MatchSettings:
     trains B only that far. ``methods``: the first one is the paper's comparison point."""
 
     methods: list[str] = field(default_factory=lambda: ["activation"])
+    """How pi is found (activation, weight); the first is the paper's comparison point."""
     epochs: list[int | list[int]] | None = None
-    num_batches: PositiveInt | None = None  # None: one pass over the training set
-    interpolation_points: InterpolationPoints = 11  # both ends and at least one alpha between
-    # BN (and REPAIR) statistics at each alpha; None: one pass
+    """Matching epochs: j (B at j, A at T) or [i, j] (A at i, B at j); null: [T]."""
+    num_batches: PositiveInt | None = None
+    """Batches the activation matching reads; null: one pass over the training set."""
+    interpolation_points: InterpolationPoints = 11
+    """Alphas on the A-B curve: both ends and at least one between."""
     bn_reset_batches: PositiveInt | None = None
+    """Batches for the BN (and REPAIR) statistics at each alpha; null: one pass."""
     seed: NonNegativeInt = 0
-    repair: bool = False  # also the REPAIR curves (Jordan et al. 2023): nets without BatchNorm
-    # On one CUDA device, each batch's two forwards and moment updates replayed as one CUDA
-    # graph (the same numbers); false: eagerly, for a net whose forward cannot be captured.
+    """Seed of weight matching's order over the permutation groups."""
+    repair: bool = False
+    """Also the REPAIR curves (Jordan et al. 2023): for nets without BatchNorm."""
     cuda_graphs: bool = True
+    """On one CUDA device, each batch's two forwards and moment updates as one CUDA graph
+    (the same numbers); false: eagerly, for a net whose forward cannot be captured."""
 
 
 @dataclass
@@ -43,8 +53,11 @@ class SparseSettings:
     """The three arms: SGD, momentum, wd, lr; cosine to 0 over T - k epochs."""
 
     lr: PositiveFloat = 0.02
+    """The arms' peak learning rate."""
     momentum: Momentum = 0.9
+    """The arms' SGD momentum, in [0, 1)."""
     weight_decay: NonNegativeFloat = 5e-4
+    """The arms' weight decay."""
 
 
 @dataclass
@@ -52,10 +65,15 @@ class OnlyCells:
     """Narrow the experiment to part of the grid (a sweep agent runs one cell)."""
 
     sparsity: float | None = None
+    """Only this entry of study.sparsities; null: all."""
     rewind_epoch: int | None = None
+    """Only this entry of study.rewind_epochs; null: all."""
     arm: str | None = None
-    match_epoch: int | list[int] | None = None  # one entry of study.match.epochs
-    match_method: str | None = None  # one of study.match.methods
+    """Only this entry of study.arms; null: all."""
+    match_epoch: int | list[int] | None = None
+    """Only this entry of study.match.epochs; null: all."""
+    match_method: str | None = None
+    """Only this entry of study.match.methods; null: all."""
 
 
 @dataclass
@@ -65,28 +83,41 @@ class ResumeSettings:
     Not part of any key: resume is exact, so the cadence cannot change a number."""
 
     every_minutes: PositiveFloat | None = 10.0
+    """A resume checkpoint at least this often (minutes of training); null: never by time."""
     every_n_steps: PositiveInt | None = None
+    """A resume checkpoint every this many optimizer steps; null: never by steps."""
 
 
 @dataclass
 class Study:
+    """The study: the grid of sparsities x rewind epochs x arms, and where it is kept."""
+
     store: str = "store"
+    """The stage store's folder (created if new)."""
     sparsities: list[float] = field(default_factory=lambda: [0.8, 0.9, 0.95, 0.97])
+    """Target sparsities, each in [0, 1): the fraction of prunable weights pruned."""
     rewind_epochs: list[int] = field(default_factory=lambda: [0, 5, 10, 15, 20, 25, 50, 75, 100])
+    """Rewind epochs k (each < trainer.max_epochs): the arms train from epoch k."""
     arms: list[str] = field(default_factory=lambda: ["lth", "naive", "permuted"])
-    seed_b_offset: int = 1000  # dense B's seed = seed_everything + this
+    """The arms trained at each (sparsity, k): lth, naive, permuted, or registered ones."""
+    seed_b_offset: int = 1000
+    """Dense B's seed = seed_everything + this (not 0: B would be A)."""
     prune: PruneSettings = field(default_factory=PruneSettings)
     match: MatchSettings = field(default_factory=MatchSettings)
     sparse: SparseSettings = field(default_factory=SparseSettings)
     only: OnlyCells = field(default_factory=OnlyCells)
     resume: ResumeSettings = field(default_factory=ResumeSettings)
-    # Arms trained side by side as one stacked model, this many per group (arms of one k);
-    # 1: one after another; None: the training device's default (runner.FUSE_DEFAULT).
     fuse: PositiveInt | None = None
+    """Arms (of one k) trained side by side as one stacked model, this many per group; 1: one
+    after another; null: the training device's default (runner.FUSE_DEFAULT)."""
     wandb_project: str = "lightning_lth"
-    wandb_mode: str = "auto"  # auto: online when logged in, else offline; or online/offline/disabled
-    # Explicit inputs instead of the store's stages (files you already have). The arms rewind
-    # to the snapshots beside them (epoch_<k>.pt in the same folder) or refuse to run:
-    weights_a: str | None = None  # trained dense A (final.pt)
-    weights_b: str | None = None  # trained dense B (final.pt)
-    mask: str | None = None  # A's mask, permuted by match
+    """The W&B project of every stage's run."""
+    wandb_mode: WandbMode = "auto"
+    """auto: online when logged in to W&B, else offline; or online, offline, disabled."""
+    weights_a: str | None = None
+    """Trained dense A (final.pt) instead of the store's stage; the arms rewind to the
+    snapshots beside it (epoch_<k>.pt in the same folder) or refuse to run."""
+    weights_b: str | None = None
+    """Trained dense B (final.pt) instead of the store's stage, snapshots beside it."""
+    mask: str | None = None
+    """A's mask instead of the store's IMP stage; match permutes it."""

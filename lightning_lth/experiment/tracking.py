@@ -7,21 +7,21 @@ import netrc
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from lightning.pytorch.loggers import WandbLogger
 
-from lightning_lth.errors import LTHError
+from lightning_lth.experiment.config import WandbMode
 
-MODES = ("auto", "online", "offline", "disabled")
+MODES = get_args(WandbMode)
 # No banner per stage and no copy of the terminal in each run: the study's view lists the
 # runs once at the end.
 QUIET = {"silent": True, "console": "off"}
 
 
 def wandb_mode(setting: str) -> str:
-    """auto: online when W&B credentials are present, else offline (never a prompt)."""
-    if setting not in MODES:
-        raise LTHError(f"unknown study.wandb_mode {setting!r}; valid: {', '.join(MODES)}")
+    """auto: online when W&B credentials are present, else offline (never a prompt).
+    ``setting`` is one of MODES: the parser checks study.wandb_mode's annotation."""
     if os.environ.get("WANDB_MODE") in MODES[1:]:
         return os.environ["WANDB_MODE"]
     if setting != "auto":

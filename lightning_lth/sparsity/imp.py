@@ -40,9 +40,10 @@ import fnmatch
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, OpenUnitInterval, PositiveFloat, PositiveInt
 from torch import nn
 from torch.nn.utils import prune
 
@@ -51,7 +52,8 @@ from lightning_lth.ranges import Momentum
 from lightning_lth.sparsity.mask import Mask
 
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-CHAINS = ("shared", "per_target")
+Chain = Literal["shared", "per_target"]
+CHAINS = get_args(Chain)
 
 
 # -- the settings (the config's ``study.prune``) --------------------------------------------
@@ -59,14 +61,22 @@ CHAINS = ("shared", "per_target")
 class PruneSettings:
     """IMP: global magnitude pruning, ``fraction`` of the live weights per round."""
 
-    fraction: float = 0.2  # in (0, 1), checked by imp.imp_schedule
+    fraction: OpenUnitInterval = 0.2
+    """Fraction of the live weights pruned per round, in (0, 1)."""
     epochs_per_round: PositiveInt = 50
+    """Training epochs of each IMP round."""
     lr: PositiveFloat = 0.01
-    momentum: Momentum = 0.0  # authors' code: plain SGD
+    """IMP training's learning rate."""
+    momentum: Momentum = 0.0
+    """IMP training's SGD momentum, in [0, 1); the authors' code: 0, plain SGD."""
     weight_decay: NonNegativeFloat = 0.0
-    chain: str = "shared"  # one chain stopping at each target; "per_target" = authors
+    """IMP training's weight decay."""
+    chain: Chain = "shared"
+    """shared: one chain stopping at each target; per_target: a chain per target (authors')."""
     include: list[str] = field(default_factory=lambda: ["*.weight"])
+    """fnmatch patterns of the parameter names pruned."""
     exclude: list[str] = field(default_factory=lambda: ["*shortcut*", "*bn*"])
+    """fnmatch patterns of parameter names left dense (ResNet shortcuts, BatchNorm)."""
 
 
 # -- what is pruned -------------------------------------------------------------------------
