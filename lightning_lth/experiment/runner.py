@@ -343,23 +343,13 @@ class Runner:
         known = {stage.key: self.store.checked_status(stage) for stage in plan.stages}
         return lambda stage: known[stage.key]
 
-    def actions(self, status: Callable[[Stage], str]) -> Callable[[Stage], tuple[str, str]]:
-        """What a run does with each stage and why (``Store.action``), a corrupt one
-        recomputed."""
-        def action(stage: Stage) -> tuple[str, str]:
-            if status(stage) == "corrupt":
-                return "recompute", "its files fail their checksums"
-            return self.store.action(stage)
-        return action
-
     def describe(self) -> dict:
         """The plan without running anything: stages, keys, status, epochs."""
         plan = self.plan()
         status = self.statuses(plan)
-        action = self.actions(status)
         stages = [{"stage": s.kind, "name": s.name, "key": s.key,
                    "status": status(s), "epochs": s.epochs,
-                   **dict(zip(("action", "why"), action(s), strict=True))}
+                   **dict(zip(("action", "why"), self.store.action(s, status(s)), strict=True))}
                   for s in plan.stages]
         cells = [{"arm": a.shown, "sparsity": a.sparsity, "rewind_epoch": a.rewind_epoch,
                   "key": a.key, "status": status(a), "epochs": a.epochs}
@@ -394,7 +384,7 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
                 plan = runner.plan()
                 status = runner.statuses(plan)
                 print(plan_table(plan.stages, status, stage_times(runner.store.root),
-                                 runner.actions(status)))
+                                 lambda stage: runner.store.action(stage, status(stage))))
                 corrupt = [stage.name for stage in plan.stages if status(stage) == "corrupt"]
                 if corrupt:
                     print(f"corrupt: {', '.join(corrupt)} failed their checksums; `experiment` "

@@ -107,11 +107,14 @@ class Store:
                  if folder.name.rsplit("-", 1)[0] == label and folder.name != stage.key]
         return max(found)[1] if found else None
 
-    def action(self, stage: StoredStage) -> tuple[str, str]:
-        """What a run does with the stage, and why: ``reuse`` it (finished under its key),
-        ``resume`` it (a partial run's checkpoint), ``compute`` it (new) or ``recompute`` it
-        (the store holds it under another key; ``keys.changes`` names what differs)."""
-        if self.status(stage) == "done":
+    def action(self, stage: StoredStage, status: str) -> tuple[str, str]:
+        """What a run does with the stage, and why, given its ``checked_status``: ``reuse``
+        it (finished under its key), ``resume`` it (a partial run's checkpoint), ``compute``
+        it (new) or ``recompute`` it (its files fail their checksums, or the store holds it
+        under another key: ``keys.changes`` names what differs)."""
+        if status == "corrupt":
+            return "recompute", "its files fail their checksums"
+        if status == "done":
             made = (_readable(self.path(stage) / SETTINGS) or {}).get("computed_with", {})
             now = computed_with()
             return "reuse", ", ".join(f"computed with {name} {made[name]} (now {now[name]})"
