@@ -18,8 +18,8 @@ checkpointable: on preemption or timeout submitit requeues them and the store re
 stage. A last job writes the records. Every job of one grid has the same name
 (``grid_name``), so ``scancel --name`` cancels them all; the stage is the job's comment. The
 jobs folder keeps the last submission's job ids (``SUBMITTED``): a rerun says in one line
-which of them failed or were cancelled (their states from ``sacct``, through submitit), and
-waits on those still pending or running instead of submitting their units twice.
+which of them failed or were cancelled (their states from ``sacct``, through submitit; from
+``squeue`` for a job accounting does not list yet), and waits on those still pending or running instead of submitting their units twice.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -322,6 +323,9 @@ def last_submission(folder: Path, say: Callable[[str], None] = print) -> dict[st
     last = load_json(path)
     jobs = {key: submitit.SlurmJob(folder, entry["job"]) for key, entry in last.items()}
     states = {key: job.state.split()[0] for key, job in jobs.items()}  # "CANCELLED by 0"
+    unknown = {jobs[key].job_id: key for key, state in states.items() if state == "UNKNOWN"}
+    for job_id, state in _queue_states(list(unknown)).items():
+        states[unknown[job_id]] = state
     failed = [f"{last[key]['name']} (job {jobs[key].job_id} {state}, log "
               f"{jobs[key].paths.stderr})" for key, state in states.items() if state in FAILED]
     cancelled = [key for key, state in states.items() if state == "CANCELLED"]
@@ -330,6 +334,19 @@ def last_submission(folder: Path, say: Callable[[str], None] = print) -> dict[st
             f"{len(cancelled)} cancelled (a failed input, or scancel); submitting what is not "
             f"done")
     return {key: jobs[key].job_id for key, state in states.items() if state in ACTIVE}
+
+
+def _queue_states(job_ids: list[str]) -> dict[str, str]:
+    """The controller's state of jobs that ``sacct`` does not list (yet): accounting records
+    a job a moment after ``sbatch`` returns, and a rerun in that moment must not read a
+    queued job as gone and submit its unit twice. Jobs squeue does not know either are left
+    out (they stay UNKNOWN: gone, so their units are submitted again)."""
+    if not job_ids:
+        return {}
+    listed = subprocess.run(["squeue", "-h", "--states=all", "-j", ",".join(job_ids),
+                             "-o", "%i %T"], capture_output=True, text=True, check=False)
+    rows = (line.split() for line in listed.stdout.splitlines())
+    return {row[0]: row[1] for row in rows if len(row) == 2 and row[0] in job_ids}
 
 
 def submit_slurm(graph: GridGraph, spec: GridSpec, order: list[str], seconds: dict[str, float],
