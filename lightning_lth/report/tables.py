@@ -287,15 +287,16 @@ def diversity_cells(records: list[dict], store: Path) -> tuple[
             metrics = []
             for group in rows[row]:
                 loaded = [load_outputs(outputs_path(store, kind, key)) for kind, key in group]
-                problems = [why for _, why in loaded if why]
-                try:
-                    if problems:
-                        raise LTHError(problems[0])
-                    metrics.append(diversity([data["probs"] for data, _ in loaded],
-                                             [data["targets"] for data, _ in loaded]))
-                except LTHError as exc:
-                    notes.append(f"diversity at S={sparsity_label(cell[0])}, k={cell[1]}, "
-                                 f"{row}: group left out ({exc})")
+                why = next((why for _, why in loaded if why), None)
+                if why is None:
+                    try:
+                        metrics.append(diversity([data["probs"] for data, _ in loaded],
+                                                 [data["targets"] for data, _ in loaded]))
+                        continue
+                    except LTHError as exc:  # outputs of different test sets
+                        why = str(exc)
+                notes.append(f"diversity at S={sparsity_label(cell[0])}, k={cell[1]}, "
+                             f"{row}: group left out ({why})")
             if metrics:
                 out.append(DiversityRow(row, metrics))
         if out:

@@ -77,8 +77,7 @@ def log_diversity_table(rows: list[list], project: str, mode: str, save_dir: Pat
     wandb.setup(wandb.Settings(**QUIET))
     logger = WandbLogger(project=project, name="report", job_type="report", tags=["report"],
                          mode=mode, save_dir=str(save_dir))
-    logger.log_table("diversity_table", columns=DIVERSITY_CSV,
-                     data=[["" if v is None else v for v in row] for row in rows])
+    logger.log_table("diversity_table", columns=DIVERSITY_CSV, data=rows)
     wandb.finish()
 
 
