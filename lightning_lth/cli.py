@@ -119,6 +119,7 @@ def report_main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from lightning_lth import report
+    from lightning_lth.experiment.config import Study
 
     parser = ArgumentParser(exit_on_error=False, **help_kwargs("report"))
     parser.add_argument("--config", type=str | None, default=None,
@@ -132,14 +133,19 @@ def report_main(argv: list[str]) -> int:
                         help="report a results file's valid lines and skip (and count) the "
                              "unparseable or invalid ones; default: refuse such a file")
     args = parser.parse_args(argv)
-    results, out_dir = args.results, args.out_dir
+    results, out_dir, wandb_settings = args.results, args.out_dir, None
     if args.config:
         config = load_yaml(args.config, "report --config file")  # one line if it is not YAML
         if not isinstance(config, dict):
             raise LTHError(f"report --config {args.config}: expected a study config (a "
                            f"mapping with a study: section), got a {type(config).__name__}")
-        store = OmegaConf.load(args.config).get("study", {}).get("store", "store")
+        study = OmegaConf.load(args.config).get("study", {})
+        store = study.get("store", Study.store)
         results = results or (None if args.wandb_project else f"{store}/results.jsonl")
         out_dir = out_dir or f"{store}/report"
-    report.main(results, out_dir or "report", args.wandb_project, args.skip_bad_lines)
+        # the study's W&B settings: the report's diversity table is logged where its runs are
+        wandb_settings = (study.get("wandb_project", Study.wandb_project),
+                          study.get("wandb_mode", Study.wandb_mode))
+    report.main(results, out_dir or "report", args.wandb_project, args.skip_bad_lines,
+                wandb_settings)
     return 0

@@ -27,8 +27,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "foundations": ("lightning_lth", "lightning_lth.errors", "lightning_lth.io",
                     "lightning_lth.distributed", "lightning_lth.cuda_streams",
                     "lightning_lth.ranges"),
-    # figures from plain numbers: the match stage draws interpolation.png with report.plots
-    "figures": ("lightning_lth.report.aggregate", "lightning_lth.report.plots"),
+    # figures from plain numbers: the match stage draws interpolation.png with report.plots;
+    # report.diversity: pure metrics of output tensors
+    "figures": ("lightning_lth.report.aggregate", "lightning_lth.report.diversity",
+                "lightning_lth.report.plots"),
     "nets": ("lightning_lth.sparsity", "lightning_lth.symmetry", "lightning_lth.models",
              "lightning_lth.numerics"),
     "training": ("lightning_lth.data", "lightning_lth.training", "lightning_lth.callbacks"),

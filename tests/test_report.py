@@ -470,3 +470,23 @@ def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
     assert grey.var() > SCREENSHOT_VARIANCE, grey.var()
     colour = np.ptp(pixels[..., :3], axis=2) > 0.3  # the methods' coloured lines
     assert colour.mean() > 0.001
+
+
+@pytest.mark.quick
+def test_top5_sits_beside_top1_where_records_have_it(tmp_path):
+    from lightning_lth.report.tables import accuracy_rows, csv_rows
+
+    recs = [record(tmp_path, m, 0.8, 0, seed, test_acc_top5=0.95 + 0.01 * seed)
+            for seed in (0, 1) for m in ("lth", "naive")]
+    recs[-1]["test_acc_top5"] = None  # naive's seed 1 has none: its cell counts one seed
+    (header, rows), caption = accuracy_rows(recs)
+    assert header == ["S", "Method", "k=0", "k=0 top-5"]
+    # lth: 95 and 96 -> 95.50 ± 0.71; naive: seed 0's 95 only
+    assert [row[3] for row in rows] == ["95.50 ± 0.71", "95.00 (n=1)"]
+    assert "Top-5 columns" in caption
+    csv_table = csv_rows(group_records(recs))
+    assert csv_table[0][-2:] == ["test_acc_top5_mean", "test_acc_top5_std"]
+    assert float(csv_table[1][-2]) == pytest.approx(0.955)
+    # without top-5 (datasets under 100 classes): no column, empty CSV cells
+    (header, _), caption = accuracy_rows([{**r, "test_acc_top5": None} for r in recs])
+    assert header == ["S", "Method", "k=0"] and "Top-5" not in caption

@@ -3,13 +3,14 @@
 Tables 3-5: test accuracy (%) as mean ± std over seeds, rows sparsity x method, columns rewind
 epoch k.  Figs. 3/4: accuracy vs k per sparsity; Fig. 7: accuracy vs sparsity per k; plus the
 matching-quality interpolation curves and loss/error barriers before/after matching. With the
-store at hand, also each arm's accuracy over its epochs (its CSV log) and the study's cost
-(events.log). Written as report.md, report.html (one self-contained page), report.csv and PNGs.
+store at hand, also each arm's accuracy over its epochs (its CSV log), the study's cost
+(events.log) and the published Table 1 (diversity and ensembles, from the kept test outputs). Written as report.md, report.html (one self-contained page), report.csv and PNGs.
 
 The modules, by concern:
 
 - ``aggregate``: what tables and figures both compute from the records (the arms in order,
   mean ± std over seeds, the (sparsity, method, k) cells).
+- ``diversity``: the Evci et al. metrics of a group of models' test outputs (pure, tensors).
 - ``plots``: every figure, the report's and the match stage's interpolation.png.
 - ``load``: results.jsonl and W&B reading, record validation, the arms' CSV logs and the
   connectivity files from the store.
@@ -31,8 +32,9 @@ from pathlib import Path
 
 
 def main(results: str | None = None, out_dir: str = "report",
-         wandb_project: str | None = None, skip_bad_lines: bool = False) -> list[Path]:
+         wandb_project: str | None = None, skip_bad_lines: bool = False,
+         wandb_settings: tuple[str, str] | None = None) -> list[Path]:
     """The ``report`` command: :func:`lightning_lth.report.write.main`."""
     from lightning_lth.report import write
 
-    return write.main(results, out_dir, wandb_project, skip_bad_lines)
+    return write.main(results, out_dir, wandb_project, skip_bad_lines, wandb_settings)

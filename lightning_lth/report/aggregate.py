@@ -28,6 +28,8 @@ Arms = Mapping[str, ArmLook]
 
 Table = tuple[list[str], list[list[str]]]  # header, rows of markdown cells (**bold**)
 
+DENSE_ROW, IMP_ROW = "dense", "imp"  # the diversity table's rows that are not arms
+
 
 def base_method(method: str) -> str:
     """The arm registry's name inside a record's method ("permuted@b1[weight]": permuted)."""
@@ -69,11 +71,14 @@ def per_seed(records: list[dict], field: str) -> list[float]:
     return [statistics.fmean(v) for _, v in sorted(by_seed.items())]
 
 
-def cell_stats(records: list[dict]) -> dict[tuple[float, str, int], tuple[float, float, int]]:
-    """(sparsity, method, k) -> test-accuracy (mean, std, n) over seeds, as fractions."""
+def cell_stats(records: list[dict], field: str = "test_acc") -> dict[
+        tuple[float, str, int], tuple[float, float, int]]:
+    """(sparsity, method, k) -> the field's (mean, std, n) over the records that have it (test
+    accuracy: each seed's arm, and each replicate's), as fractions."""
     vals: dict[tuple, list[float]] = defaultdict(list)
     for rec in records:
-        vals[(round(rec["sparsity"], 6), rec["method"], rec["rewind_epoch"])].append(rec["test_acc"])
+        if rec.get(field) is not None:  # test_acc_top5: None below 100 classes
+            vals[(round(rec["sparsity"], 6), rec["method"], rec["rewind_epoch"])].append(rec[field])
     return {key: mean_std(v) for key, v in vals.items()}
 
 

@@ -9,15 +9,21 @@ import csv
 import json
 from pathlib import Path
 
+import torch
+
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.results import invalid
 from lightning_lth.experiment.stages import ARMS, ArmStage
-from lightning_lth.io import load_json
+from lightning_lth.io import load_json, load_tensors
 from lightning_lth.report.aggregate import base_method
 
 # One sparse run is identified by these; a rerun appends a second line that replaces the first.
+# A record without `replicate` is replicate 0 (studies of one replicate).
 _RUN_ID = ("config_hash", "model", "dataset", "width", "seed", "method", "sparsity",
-           "rewind_epoch")
+           "rewind_epoch", "replicate")
+# A stage's kept test-set outputs, {"probs": [N, C] float16 softmax, "targets": [N] int64}, in
+# <store>/<kind>/<key>/ (the stage classes' OUTPUTS)
+OUTPUTS = "test_outputs.pt"
 
 
 def validate_record(rec) -> str | None:
@@ -30,7 +36,8 @@ def validate_record(rec) -> str | None:
 
 
 def _run_id(rec: dict) -> tuple:
-    return tuple(round(rec[k], 6) if k == "sparsity" else rec[k] for k in _RUN_ID)
+    return tuple(round(rec[k], 6) if k == "sparsity" else rec.get(k, 0) if k == "replicate"
+                 else rec[k] for k in _RUN_ID)
 
 
 def _collect(items) -> tuple[list[dict], list[str], list[str]]:
@@ -166,3 +173,19 @@ def load_connectivity(records: list[dict]) -> tuple[list[dict], list[str]]:
         curves.append({"naive": data["naive"], "matched": data["matched"],
                        "repair": _repair_curves(data) or {}})
     return curves, notes
+
+
+def outputs_path(store: Path, kind: str, key: str) -> Path:
+    return store / kind / key / OUTPUTS
+
+
+def load_outputs(path: Path) -> tuple[dict | None, str | None]:
+    """A stage's kept outputs as {"probs", "targets"}, or (None, why it cannot be used)."""
+    try:
+        data = load_tensors(path, "kept test outputs")
+    except LTHError as exc:
+        return None, str(exc)
+    if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), torch.Tensor) for k in ("probs", "targets")):
+        return None, f"kept test outputs {path} lack the probs and targets tensors"
+    return data, None

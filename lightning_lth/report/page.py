@@ -10,13 +10,13 @@ import html
 
 from lightning_lth.report.tables import markdown_table
 
-Block = tuple  # ("h1" | "h2" | "p", text), ("table", Table), ("figure", file, alt), ("list", items)
+Block = tuple  # ("h1" | "h2" | "h3" | "p", text), ("table", Table), ("figure", file, alt), ("list", items)
 
 
 def render_markdown(blocks: list[Block]) -> str:
     parts = []
     for kind, *body in blocks:
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             parts.append(f"{'#' * int(kind[1])} {body[0]}")
         elif kind == "p":
             parts.append(body[0])
@@ -48,7 +48,7 @@ def render_html(blocks: list[Block], images: dict[str, bytes]) -> str:
     """One self-contained page: figures inlined as base64 PNG, no link to anything."""
     body = []
     for kind, *rest in blocks:
-        if kind in ("h1", "h2", "p"):
+        if kind in ("h1", "h2", "h3", "p"):
             body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
         elif kind == "table":
             header, rows = rest[0]

@@ -1,6 +1,6 @@
 """Every figure the study draws, as PNG: the report's (accuracy vs k, vs sparsity, vs the
-matching epoch, pi's agreement, the interpolation curves, each arm's epochs, the study's cost)
-and the match stage's interpolation.png.
+matching epoch, pi's agreement, the interpolation curves, each arm's epochs, ensemble accuracy
+vs its number of members, the study's cost) and the match stage's interpolation.png.
 
 Figures are drawn from plain numbers and dicts (records, curves, tables), rendered with Agg
 directly: no pyplot, so no global backend or figure-registry state. This module imports
@@ -23,6 +23,8 @@ from matplotlib.ticker import MaxNLocator
 from lightning_lth.errors import LTHError
 from lightning_lth.io import write_atomic
 from lightning_lth.report.aggregate import (
+    DENSE_ROW,
+    IMP_ROW,
     Arms,
     Table,
     base_method,
@@ -257,6 +259,30 @@ def plot_arm_curves(records: list[dict], curves: dict, title: str, arms: Arms) -
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title}: accuracy over each arm's epochs")
+    return _png(fig)
+
+
+_GROUP_ROWS = {DENSE_ROW: ("black", "dense"), IMP_ROW: ("tab:gray", "IMP")}  # rows not arms
+
+
+def plot_ensemble_by_size(panels: list[tuple[str, dict[str, list[float]]]], title: str,
+                          arms: Arms) -> bytes:
+    """Ensemble accuracy against its number of members, one panel per (title, row -> [m - 1]
+    accuracy as fractions); rows "dense", "imp" or a method, arms in their registry colours."""
+    fig, axes = _grid(len(panels))
+    fig.set_layout_engine("constrained")  # room for the title above the panels' titles
+    methods = sorted({row for _, rows in panels for row in rows if row not in _GROUP_ROWS})
+    colors = _colors(methods, arms)
+    for ax, (panel, rows) in zip(axes, panels, strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for row, accs in rows.items():
+            color, label = _GROUP_ROWS.get(row) or (colors[row], method_label(row, arms))
+            ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], marker="o", color=color,
+                    linestyle="--" if row in _GROUP_ROWS else "-", label=label)
+        ax.set(title=panel, xlabel="models in the ensemble", ylabel="ensemble test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: ensemble accuracy vs its number of members")
     return _png(fig)
 
 

@@ -1,12 +1,17 @@
-"""The report's tables: Tables 3-5 (accuracy), the barriers before/after matching, each pi of
-the study, the study's cost (from the store's events.log), the CSV rows, and markdown."""
+"""The report's tables: Tables 3-5 (accuracy, top-5 beside top-1 where recorded), the
+published Table 1 (diversity and ensembles, from the stages' kept test outputs), the barriers
+before/after matching, each pi of the study, the study's cost (from the store's events.log),
+the CSV rows, and markdown."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_lth.errors import LTHError
 from lightning_lth.experiment.stages import (
     ARMS,
     ArmStage,
@@ -18,6 +23,8 @@ from lightning_lth.experiment.stages import (
 from lightning_lth.experiment.store import SETTINGS, stage_times
 from lightning_lth.io import load_json
 from lightning_lth.report.aggregate import (
+    DENSE_ROW,
+    IMP_ROW,
     Table,
     cell_stats,
     matched_arms,
@@ -27,6 +34,8 @@ from lightning_lth.report.aggregate import (
     per_seed,
     sparsity_label,
 )
+from lightning_lth.report.diversity import Diversity, diversity
+from lightning_lth.report.load import OUTPUTS, load_outputs, outputs_path
 
 Group = tuple[str, str, int, str]  # (model, dataset, width, config hash)
 # the store's stage kinds, in plan order
@@ -52,8 +61,10 @@ def _seeds(n: int) -> str:
 
 def accuracy_rows(records: list[dict]) -> tuple[Table, str]:
     """Tables 3-5 and their caption; the best mean per (sparsity, k) is bold, a cell whose
-    seed count differs from the group's most common one shows its n."""
+    seed count differs from the group's most common one shows its n. Where records carry
+    top-5 accuracy, each k's column is followed by its top-5 column."""
     cells = cell_stats(records)
+    top5 = cell_stats(records, "test_acc_top5")
     methods = method_order(records, ARMS)
     sparsities = sorted({s for s, _, _ in cells})
     ks = sorted({k for _, _, k in cells})
@@ -73,11 +84,16 @@ def accuracy_rows(records: list[dict]) -> tuple[Table, str]:
                 if round(100 * mean, 2) == best[k]:
                     text = f"**{text}**"
                 row.append(text if n == n_common else f"{text} (n={n})")
+                if top5:
+                    five = top5.get((s, m, k))
+                    row.append("–" if five is None else
+                               pct(*five) if five[2] == n else f"{pct(*five)} (n={five[2]})")
             rows.append(row)
     caption = (f"Test accuracy (%), {_seeds(n_common)} per cell"
                + (" unless a cell shows its n." if len({n for *_, n in cells.values()}) > 1
-                  else "."))
-    return (["S", "Method"] + [f"k={k}" for k in ks], rows), caption
+                  else ".") + (" Top-5 columns: top-5 accuracy, where recorded." if top5 else ""))
+    columns = [[f"k={k}", f"k={k} top-5"] if top5 else [f"k={k}"] for k in ks]
+    return (["S", "Method"] + [c for pair in columns for c in pair], rows), caption
 
 
 def markdown_table(table: Table) -> str:
@@ -161,15 +177,196 @@ def matching_rows(records: list[dict]) -> Table | None:
 
 
 def csv_rows(groups: dict[Group, list[dict]]) -> list[list]:
+    """report.csv: one row per (sparsity, method, k) cell; the top-5 columns are empty where
+    the records have no top-5 accuracy."""
     rows = [["model", "dataset", "width", "config_hash", "sparsity", "method", "rewind_epoch",
-             "test_acc_mean", "test_acc_std", "n"]]
+             "test_acc_mean", "test_acc_std", "n", "test_acc_top5_mean", "test_acc_top5_std"]]
     for (model, dataset, width, config), recs in groups.items():
         cells = cell_stats(recs)
+        top5 = cell_stats(recs, "test_acc_top5")
         order = method_order(recs, ARMS)
         for (s, m, k) in sorted(cells, key=lambda c: (c[0], order.index(c[1]), c[2])):
             mean, std, n = cells[(s, m, k)]
-            rows.append([model, dataset, width, config, s, m, k, repr(mean), repr(std), n])
+            five = [repr(v) for v in top5[(s, m, k)][:2]] if (s, m, k) in top5 else ["", ""]
+            rows.append([model, dataset, width, config, s, m, k, repr(mean), repr(std), n, *five])
     return rows
+
+
+# -- the published Table 1: diversity and ensembles ------------------------------------------
+
+Member = tuple[str, str]  # (stage kind, key): its kept outputs in <store>/<kind>/<key>/
+Cell = tuple[float, int]  # (sparsity, k)
+
+DIVERSITY_GROUPS = (
+    "Groups: LTH, naive and permuted: the R replicates of one (seed, sparsity, k) cell "
+    "(`replicate` 0..R-1), each row the mean over seeds of its groups' metrics (test acc: the "
+    "mean over seeds of each group's mean ± its std); IMP: the IMP nets at this sparsity of "
+    "the seeds' independent dense nets A, one per seed, as one group; dense: the dense nets "
+    "B_r of a seed, averaged over seeds. Ensemble: the mean of the members' softmax outputs, "
+    "then top-1. Disagreement: the fraction of test images on which two models' top-1 "
+    "predictions differ, mean over pairs; KL: KL(p_i||p_j) in nats, mean over images and "
+    "ordered pairs (= the symmetrised KL's mean over unordered pairs); JS: Jensen-Shannon "
+    "divergence in nats (at most ln 2), mean over unordered pairs. A group of one model "
+    "has no pairs: its columns are blank. Models: per group; Groups: groups averaged.")
+
+
+@dataclass(frozen=True)
+class DiversityRow:
+    """One row of the table: its groups' metrics (one group per seed; IMP's across seeds)."""
+
+    row: str  # DENSE_ROW, IMP_ROW or a record's method
+    groups: list[Diversity]
+
+
+def diversity_members(records: list[dict], store: Path) -> tuple[
+        dict[Cell, dict[str, list[list[Member]]]], int]:
+    """(sparsity, k) -> row -> its groups' members, and how many records lack kept outputs
+    (their own, or a stage's their `stages` names, or have no `stages`): a group with a
+    member whose outputs are not in the store is left out, never computed from the rest."""
+    def have(kind: str, key: str | None) -> bool:
+        return key is not None and outputs_path(store, kind, key).is_file()
+
+    lacking: set[int] = set()
+    arms: dict[tuple, list[tuple[int, Member]]] = defaultdict(list)
+    broken: set[tuple] = set()  # arm cells, (IMP_ROW, s), (DENSE_ROW, seed) missing a member
+    imp: dict[tuple[float, int], set[str]] = defaultdict(set)
+    dense: dict[int, set[str]] = defaultdict(set)
+    for index, rec in enumerate(records):
+        s, seed = round(rec["sparsity"], 6), rec["seed"]
+        arm = (s, rec["rewind_epoch"], rec["method"], seed)
+        arms[arm].append((rec.get("replicate", 0), (ArmStage.kind, rec["key"])))
+        if not have(ArmStage.kind, rec["key"]):
+            lacking.add(index)
+            broken.add(arm)
+        stages = rec.get("stages")
+        if not stages:
+            lacking.add(index)
+            broken |= {(DENSE_ROW, seed)}
+            continue
+        if have(ImpRound.kind, stages.get("imp")):
+            imp[(s, seed)].add(stages["imp"])
+        else:
+            lacking.add(index)
+        if stages.get("dense_b") is not None:  # an arm that reads a B
+            if have(DenseStage.kind, stages["dense_b"]):
+                dense[seed].add(stages["dense_b"])
+            else:
+                lacking.add(index)
+                broken.add((DENSE_ROW, seed))
+    cells: dict[Cell, dict[str, list[list[Member]]]] = {}
+    for s, k in sorted({(s, k) for s, k, _, _ in arms}):
+        seeds = sorted({seed for s2, k2, _, seed in arms if (s2, k2) == (s, k)})
+        rows = {DENSE_ROW: [[(DenseStage.kind, key) for key in sorted(dense[seed])]
+                            for seed in seeds if dense[seed] and (DENSE_ROW, seed) not in broken],
+                IMP_ROW: [[(ImpRound.kind, key) for seed in seeds
+                           for key in sorted(imp[(s, seed)])]]
+                if all(imp[(s, seed)] for seed in seeds) else []}
+        for (s2, k2, method, seed), members in sorted(arms.items()):
+            if (s2, k2) == (s, k) and (s, k, method, seed) not in broken:
+                rows.setdefault(method, []).append([member for _, member in sorted(members)])
+        cells[(s, k)] = {row: groups for row, groups in rows.items() if groups}
+    return cells, len(lacking)
+
+
+def diversity_cells(records: list[dict], store: Path) -> tuple[
+        dict[Cell, list[DiversityRow]], str | None, list[str]]:
+    """Each (sparsity, k)'s rows in the table's order (dense, IMP, the arms); one line saying
+    how many records lack kept outputs (None if none do); a note for each group whose
+    outputs could not be used."""
+    members, lacking = diversity_members(records, store)
+    order = method_order(records, ARMS)
+    line = (f"{lacking} of {len(records)} record(s) lack kept test outputs (no `stages` "
+            f"in the record, or no {OUTPUTS} in {store}/<kind>/<key>/): the groups they "
+            f"belong to are left out." if lacking else None)
+    notes: list[str] = []
+    cells: dict[Cell, list[DiversityRow]] = {}
+    for cell, rows in members.items():
+        out = []
+        for row in sorted(rows, key=lambda r: (r != DENSE_ROW, r != IMP_ROW,
+                                                order.index(r) if r in order else 0)):
+            metrics = []
+            for group in rows[row]:
+                loaded = [load_outputs(outputs_path(store, kind, key)) for kind, key in group]
+                why = next((why for _, why in loaded if why), None)
+                if why is None:
+                    try:
+                        metrics.append(diversity([data["probs"] for data, _ in loaded],
+                                                 [data["targets"] for data, _ in loaded]))
+                        continue
+                    except LTHError as exc:  # outputs of different test sets
+                        why = str(exc)
+                notes.append(f"diversity at S={sparsity_label(cell[0])}, k={cell[1]}, "
+                             f"{row}: group left out ({why})")
+            if metrics:
+                out.append(DiversityRow(row, metrics))
+        if out:
+            cells[cell] = out
+    return cells, line, notes
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def row_label(row: str) -> str:
+    return {DENSE_ROW: "dense", IMP_ROW: "IMP"}.get(row) or method_label(row, ARMS)
+
+
+def ensemble_by_size(row: DiversityRow) -> list[float]:
+    """[m - 1]: mean over the row's groups of at least m models of their ensemble accuracy."""
+    largest = max(g.members for g in row.groups)
+    return [statistics.fmean(g.ensemble_by_size[m] for g in row.groups if g.members > m)
+            for m in range(largest)]
+
+
+def _summary(row: DiversityRow) -> dict:
+    """The row's numbers (fractions; None where its groups have no pairs)."""
+    sizes = sorted({g.members for g in row.groups})
+    return {"row": row.row,
+            "test_acc_mean": _mean([g.acc_mean for g in row.groups]),
+            "test_acc_std": _mean([g.acc_std for g in row.groups]),
+            "ensemble_acc": _mean([g.ensemble_acc for g in row.groups]),
+            "disagreement": _mean([g.disagreement for g in row.groups]),
+            "kl": _mean([g.kl for g in row.groups]), "js": _mean([g.js for g in row.groups]),
+            "models": str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}",
+            "groups": len(row.groups)}
+
+
+def diversity_rows(rows: list[DiversityRow]) -> Table:
+    """One (sparsity, k)'s table in the published Table 1's layout."""
+    def num(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    body = []
+    for row in rows:
+        v = _summary(row)
+        acc = ("–" if v["test_acc_mean"] is None else
+               pct(v["test_acc_mean"], v["test_acc_std"] or 0.0,
+                   1 if v["test_acc_std"] is None else 2))
+        body.append([row_label(row.row), acc, f"{100 * v['ensemble_acc']:.2f}",
+                     num(v["disagreement"]), num(v["kl"]), num(v["js"]), v["models"],
+                     str(v["groups"])])
+    return (["Row", "Test acc (%)", "Ensemble acc (%)", "Disagreement", "KL", "JS", "Models",
+             "Groups"], body)
+
+
+DIVERSITY_CSV = ["model", "dataset", "width", "config_hash", "sparsity", "rewind_epoch", "row",
+                 "test_acc_mean", "test_acc_std", "ensemble_acc", "disagreement", "kl", "js",
+                 "models", "groups", "ensemble_acc_by_members"]
+
+
+def diversity_csv_rows(group: Group, cells: dict[Cell, list[DiversityRow]]) -> list[list]:
+    """diversity.csv's rows (and the W&B table's) for one group of records: fractions as
+    repr, empty where undefined; ensemble_acc_by_members a JSON list, [m - 1] for m models."""
+    out = []
+    for (s, k), rows in cells.items():
+        for row in rows:
+            v = _summary(row)
+            out.append([*group, s, k, row.row,
+                        *("" if v[c] is None else repr(v[c]) for c in DIVERSITY_CSV[7:13]),
+                        v["models"], v["groups"], json.dumps(ensemble_by_size(row))])
+    return out
 
 
 def cost_rows(store: Path) -> Table | None:

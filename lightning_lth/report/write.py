@@ -1,7 +1,8 @@
 """Writing the report: write_report lays out the blocks (per group of runs: the tables and
-figures; then the barriers, the study's cost and the notes) and writes report.md,
-report.html, report.csv and the PNGs; main is the `report` command's entry, which also
-decides what a results file with bad lines gets (refused, or reported without them)."""
+figures, the diversity table; then the barriers, the study's cost and the notes) and writes
+report.md, report.html, report.csv, diversity.csv and the PNGs, and logs the diversity table
+to W&B; main is the `report` command's entry, which also decides what a results file with bad
+lines gets (refused, or reported without them)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.results import Record
 from lightning_lth.experiment.stages import ARMS
+from lightning_lth.experiment.tracking import QUIET, wandb_mode
 from lightning_lth.io import write_atomic
-from lightning_lth.report.aggregate import mean_std, per_seed
+from lightning_lth.report.aggregate import mean_std, per_seed, sparsity_label
 from lightning_lth.report.load import (
     arm_curves,
     line_number,
@@ -30,16 +32,23 @@ from lightning_lth.report.plots import (
     plot_agreement,
     plot_arm_curves,
     plot_cost,
+    plot_ensemble_by_size,
     plot_group_interpolation,
     plot_vs_k,
     plot_vs_match_epoch,
     plot_vs_sparsity,
 )
 from lightning_lth.report.tables import (
+    DIVERSITY_CSV,
+    DIVERSITY_GROUPS,
     accuracy_rows,
     barrier_rows,
     cost_rows,
     csv_rows,
+    diversity_cells,
+    diversity_csv_rows,
+    diversity_rows,
+    ensemble_by_size,
     group_records,
     matching_rows,
     pct,
@@ -54,11 +63,55 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
+def log_diversity_table(rows: list[list], project: str, mode: str, save_dir: Path) -> None:
+    """The diversity table (diversity.csv's columns) as a wandb.Table under the summary key
+    ``diversity_table`` of a run with job_type "report", as the stages' runs are made
+    (experiment.tracking: quiet, offline without credentials); nothing when disabled."""
+    mode = wandb_mode(mode)
+    if mode == "disabled":
+        return
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    wandb.setup(wandb.Settings(**QUIET))
+    logger = WandbLogger(project=project, name="report", job_type="report", tags=["report"],
+                         mode=mode, save_dir=str(save_dir))
+    logger.log_table("diversity_table", columns=DIVERSITY_CSV, data=rows)
+    wandb.finish()
+
+
+def diversity_section(recs: list[dict], store: Path, group: tuple, stem: str,
+                      title: str) -> tuple[list[Block], dict[str, bytes], list[list], list[str]]:
+    """The published Table 1 per (sparsity, k) with its groups' definitions, the ensemble
+    figure (its name -> PNG), the CSV rows and the notes; a group's records lacking kept
+    outputs are said in one line where the table would be."""
+    cells, lacking, notes = diversity_cells(recs, store)
+    blocks: list[Block] = [("h3", "Diversity and ensembles (the published Table 1)")]
+    if lacking:
+        blocks.append(("p", lacking))
+    if not cells:
+        return blocks, {}, [], [f"{stem}: {n}" for n in notes]
+    for (s, k), rows in cells.items():
+        blocks += [("p", f"S = {sparsity_label(s)}, k = {k}"), ("table", diversity_rows(rows))]
+    name = f"{stem}_ensemble.png"
+    png = plot_ensemble_by_size([(f"sparsity {sparsity_label(s)}, k = {k}",
+                                  {row.row: ensemble_by_size(row) for row in rows})
+                                 for (s, k), rows in cells.items()], title, ARMS)
+    blocks += [("p", DIVERSITY_GROUPS),
+               ("figure", name, "ensemble accuracy vs its number of members")]
+    return (blocks, {name: png}, diversity_csv_rows(group, cells),
+            [f"{stem}: {n}" for n in notes])
+
+
 def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[str] = (),
-                 ks: list[int] | None = None, store: str | Path | None = None) -> list[Path]:
+                 ks: list[int] | None = None, store: str | Path | None = None,
+                 wandb_settings: tuple[str, str] | None = None) -> list[Path]:
     """Write report.md, report.html, report.csv and the PNGs; return their paths. `problems`
     (from loading) are listed as notes; `ks` limits the vs-sparsity panels; `store` (the
-    stage store the records came from) adds the arms' curves and the study's cost."""
+    stage store the records came from) adds the arms' curves, the study's cost and, from the
+    kept test outputs, the diversity table (diversity.csv; to W&B as well where
+    `wandb_settings`, the study's (project, mode), is given)."""
     if not records:
         raise LTHError("no valid records to report")
     records = [{**_MATCH_FIELDS, **rec} for rec in records]  # older records lack these
@@ -75,6 +128,7 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
         images[name] = png
         blocks.append(("figure", name, alt))
 
+    diversity_csv: list[list] = []
     configs = defaultdict(set)  # a store may hold several configurations of one model
     for model, dataset, width, config in groups:
         configs[(model, dataset, width)].add(config)
@@ -116,6 +170,13 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
         png = plot_group_interpolation(connectivity, title)
         if png is not None:
             figure(f"{stem}_interpolation.png", "interpolation before and after matching", png)
+        if store is not None:
+            section, pngs, rows, section_notes = diversity_section(
+                recs, Path(store), (model, dataset, width, config), stem, title)
+            blocks += section
+            images.update(pngs)
+            diversity_csv += rows
+            notes += section_notes
     blocks += [("h2", "Matching quality (barriers over seeds; Seeds: n per row)"),
                ("table", barrier_rows(groups)),
                ("p", "Before/after: the default interpolation (BatchNorm statistics recomputed at "
@@ -135,15 +196,24 @@ def write_report(records: list[dict], out_dir: str | Path, problems: Sequence[st
     written = [_write(out / "report.md", render_markdown(blocks).encode()),
                _write(out / "report.html", render_html(blocks, images).encode()),
                _write(out / "report.csv", buf.getvalue().encode())]
+    if diversity_csv:  # a file of its own: report.csv's readers keep their one header
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([DIVERSITY_CSV, *diversity_csv])
+        written.append(_write(out / "diversity.csv", buf.getvalue().encode()))
+        if wandb_settings is not None:
+            log_diversity_table(diversity_csv, *wandb_settings, Path(store) / "wandb")
     return written + [_write(out / name, png) for name, png in images.items()]
 
 
 def main(results: str | None = None, out_dir: str = "report",
-         wandb_project: str | None = None, skip_bad_lines: bool = False) -> list[Path]:
+         wandb_project: str | None = None, skip_bad_lines: bool = False,
+         wandb_settings: tuple[str, str] | None = None) -> list[Path]:
     """CLI entry: read results.jsonl, or a W&B project given as 'project' or 'entity/project'.
 
     A results file with unparseable or invalid lines is refused (the first one named) unless
-    ``skip_bad_lines``: then the report is made from the rest and says what it left out."""
+    ``skip_bad_lines``: then the report is made from the rest and says what it left out.
+    ``wandb_settings``: the study's (wandb_project, wandb_mode), where the report is of a
+    study config: the diversity table is logged there."""
     if (results is None) == (wandb_project is None):
         raise LTHError("give exactly one of --results (a results.jsonl) or --wandb_project")
     if wandb_project is not None:
@@ -167,7 +237,7 @@ def main(results: str | None = None, out_dir: str = "report",
     if not records:
         raise LTHError(f"no valid records in {source} ({len(problems)} problem line(s))")
     store = Path(results).parent if results is not None else None  # results.jsonl's store
-    paths = write_report(records, out_dir, problems, store=store)
+    paths = write_report(records, out_dir, problems, store=store, wandb_settings=wandb_settings)
     for p in paths:
         print(p)
     return paths
