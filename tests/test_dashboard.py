@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+from urllib.parse import unquote
 
 import pytest
 from conftest import run_cli
@@ -139,7 +140,7 @@ def test_the_view_shows_the_arm_runs_and_the_report_run_grouped_and_coloured_by_
     (runs,) = saved["spec"]["section"]["runSets"]
     assert [f.get("connector") for f in runs["filters"]["filters"]] == [None, "OR"]
     colours = saved["spec"]["section"]["customRunColors"]
-    by_arm = {json.loads(__import__("urllib.parse").parse.unquote(key.rsplit(":", 1)[-1]))[0]
+    by_arm = {json.loads(unquote(key.rsplit(":", 1)[-1]))[0]
               ["value"]: colour for key, colour in colours.items()}
     assert by_arm == {arm: to_hex(look.colour) for arm, look in ARMS.items()}
     assert by_arm["lth"] == "#2ca02c"  # tab:green, as in the report's figures
