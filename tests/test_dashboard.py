@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import struct
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 import pytest
+import wandb
 from conftest import run_cli
 from helpers import tiny_config
 from matplotlib.colors import to_hex
@@ -176,18 +177,19 @@ def test_dry_run_writes_the_view_and_a_second_build_is_the_same_view(tmp_path, c
     (["--wandb_project", "lth", "--entity", "a:b", "--dry_run"], "--entity='a:b' is not allowed"),
     (["--wandb_project", "lth", "--name", " ", "--dry_run"], "--name=' ' is not allowed"),
     (["--wandb_project", "lth", "--out", "view.json"], "--out writes the --dry_run JSON"),
-    (["--wandb_project", "lth"], "no W&B credentials for api.wandb.ai: run `wandb login` or "
-                                 "set WANDB_API_KEY"),
+    (["--wandb_project", "lth"], "no W&B credentials for {host}: run `wandb login` or set "
+                                 "WANDB_API_KEY"),
     ([], "the following arguments are required: wandb_project"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written(args, error, tmp_path, monkeypatch,
                                                       capsys):
-    for name in ("WANDB_API_KEY", "NETRC", "WANDB_BASE_URL"):
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials
     monkeypatch.chdir(tmp_path)
     assert main(["dashboard", *args]) == 2
     captured = capsys.readouterr()
     (line,) = captured.err.splitlines()
-    assert line.startswith("error: ") and error in line, line
+    host = urlparse(wandb.Settings().base_url).hostname  # wandb's default W&B host
+    assert line.startswith("error: ") and error.format(host=host) in line, line
     assert captured.out == "" and list(tmp_path.iterdir()) == []

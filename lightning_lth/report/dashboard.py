@@ -141,13 +141,16 @@ def serialised(workspace) -> dict:
 
 
 def missing_credentials() -> str | None:
-    """What saving lacks, asked without network: an API key (WANDB_API_KEY, or `wandb
-    login`'s netrc entry for the W&B host, WANDB_BASE_URL's or api.wandb.ai)."""
-    if os.environ.get("WANDB_API_KEY"):
+    """What saving lacks, asked without network: an API key (WANDB_API_KEY, an identity
+    token file, or `wandb login`'s netrc entry for the W&B host: wandb's base URL, which
+    WANDB_BASE_URL or `wandb login --host` set)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return None
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    import wandb
+
+    host = urlparse(wandb.Settings().base_url).hostname
     try:
-        found = netrc.netrc().authenticators(host or "api.wandb.ai")
+        found = netrc.netrc().authenticators(host)
     except (OSError, netrc.NetrcParseError):
         found = None
     return None if found else (f"no W&B credentials for {host}: run `wandb login` or set "
