@@ -1,7 +1,8 @@
 """``python -m lightning_lth <command> --config configs/X.yaml``.
 
 fit / validate / test are LightningCLI's own. prune, match, experiment and plan parse the
-same config (trainer, model, data, study) and hand it to the pipeline; report reads results.
+same config (trainer, model, data, study) and hand it to the pipeline; report reads results,
+dashboard builds the W&B view.
 ``main`` routes them, and answers a bare ``--help`` with every command; the parsing it
 shares with ``grid`` is ``parsing.py``.
 """
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise LTHError(REPLACED["match.method"])
         if argv[0] == "report":
             return report_main(argv[1:])
+        if argv[0] == "dashboard":
+            from lightning_lth.report.dashboard import main as dashboard_main
+
+            return dashboard_main(argv[1:])
         if argv[0] == "grid":
             from lightning_lth.grid.command import main as grid_main
 

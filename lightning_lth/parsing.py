@@ -71,6 +71,13 @@ COMMANDS = {
                "report.md, report.csv, the figures and report.html (one self-contained page: "
                "open it in a browser, no network needed).",
                "report --config configs/demo_fmnist.yaml"),
+    "dashboard": ("the report's comparison as a saved W&B workspace view (wandb-workspaces)",
+                  "Creates, or updates, a view of the project's workspace: the arms' runs "
+                  "grouped by arm and cell, coloured as in the report, with accuracy vs k and "
+                  "vs sparsity, the arms' curves, the barriers and the diversity table. Needs "
+                  "W&B credentials and network; --dry_run prints the view's JSON instead and "
+                  "contacts nothing.",
+                  "dashboard --wandb_project lightning_lth --dry_run"),
 }
 
 

@@ -174,7 +174,8 @@ def test_help_lists_every_command_one_line_each(capsys):
     assert main([]) == 2 and "experiment" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["experiment", "prune", "match", "plan", "report"])
+@pytest.mark.parametrize("command", ["experiment", "prune", "match", "plan", "report",
+                                     "dashboard"])
 def test_study_command_help_starts_with_what_it_does_and_an_example(capsys, command):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
