@@ -193,3 +193,19 @@ def test_bad_input_is_one_line_and_nothing_is_written(args, error, tmp_path, mon
     host = urlparse(wandb.Settings().base_url).hostname  # wandb's default W&B host
     assert line.startswith("error: ") and error.format(host=host) in line, line
     assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_auto_mode_finds_wandb_login_for_the_host_wandb_uses(tmp_path, monkeypatch):
+    """`wandb login` writes a netrc entry for wandb's base URL's host (not always
+    api.wandb.ai): `study.wandb_mode: auto` is online with it, offline without."""
+    from lightning_lth.experiment.tracking import wandb_mode
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode("auto") == "offline"
+    host = urlparse(wandb.Settings().base_url).hostname
+    netrc_file = tmp_path / ".netrc"
+    netrc_file.write_text(f"machine {host}\n  login user\n  password {'x' * 40}\n")
+    netrc_file.chmod(0o600)
+    assert wandb_mode("auto") == "online"

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 from typing import get_args
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
 
@@ -19,6 +20,23 @@ MODES = get_args(WandbMode)
 QUIET = {"silent": True, "console": "off"}
 
 
+def missing_credentials() -> str | None:
+    """Why W&B could not log online here, or None; asked without network. An API key
+    (WANDB_API_KEY, an identity token file) or `wandb login`'s netrc entry for wandb's host
+    (its base URL, which WANDB_BASE_URL or `wandb login --host` set: not always
+    api.wandb.ai)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    import wandb
+
+    host = urlparse(wandb.Settings().base_url).hostname
+    try:
+        found = netrc.netrc().authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    return None if found else f"no W&B credentials for {host}: run `wandb login` or set WANDB_API_KEY"
+
+
 def wandb_mode(setting: str) -> str:
     """auto: online when W&B credentials are present, else offline (never a prompt).
     ``setting`` is one of MODES: the parser checks study.wandb_mode's annotation."""
@@ -26,13 +44,7 @@ def wandb_mode(setting: str) -> str:
         return os.environ["WANDB_MODE"]
     if setting != "auto":
         return setting
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        found = netrc.netrc().authenticators("api.wandb.ai")
-    except (OSError, netrc.NetrcParseError):
-        found = None
-    return "online" if found else "offline"
+    return "offline" if missing_credentials() else "online"
 
 
 class Tracking:

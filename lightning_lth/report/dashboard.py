@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import netrc
 import os
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 from matplotlib.colors import to_hex
 
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.stages import ARMS, ArmStage
+from lightning_lth.experiment.tracking import missing_credentials
 from lightning_lth.io import write_atomic
 from lightning_lth.parsing import help_kwargs
 
@@ -140,23 +139,6 @@ def serialised(workspace) -> dict:
     return workspace._to_model().model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def missing_credentials() -> str | None:
-    """What saving lacks, asked without network: an API key (WANDB_API_KEY, an identity
-    token file, or `wandb login`'s netrc entry for the W&B host: wandb's base URL, which
-    WANDB_BASE_URL or `wandb login --host` set)."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return None
-    import wandb
-
-    host = urlparse(wandb.Settings().base_url).hostname
-    try:
-        found = netrc.netrc().authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        found = None
-    return None if found else (f"no W&B credentials for {host}: run `wandb login` or set "
-                               f"WANDB_API_KEY (or use --dry_run, which contacts nothing)")
-
-
 def save(workspace) -> str:
     """Create the view, or update the one of the same name; its URL."""
     import wandb
@@ -203,7 +185,7 @@ def main(argv: list[str]) -> int:
     if args.out and not args.dry_run:
         raise LTHError("--out writes the --dry_run JSON: add --dry_run, or drop --out")
     if not args.dry_run and (missing := missing_credentials()):
-        raise LTHError(missing)
+        raise LTHError(f"{missing} (or use --dry_run, which contacts nothing)")
     workspace = build(project, entity, args.name)
     if args.dry_run:
         text = json.dumps(serialised(workspace), indent=1) + "\n"
