@@ -4,9 +4,10 @@ KL / JS), which need every model's outputs on the same images.
 
 Probabilities, not logits: the metrics average and compare distributions, and a softmax
 in float16 loses less than logits would (its values are in [0, 1], where float16 holds
-about 3 decimal digits). The softmax is taken in float32 and rounded once. The argmax of
-the rounded probabilities is the logits' argmax unless two top probabilities round to the
-same float16 value (a near-tie within ~1e-3 relative).
+about 3 decimal digits). The softmax is taken in float32 and rounded to nearest, except
+where the net's top class (the logits' argmax, what its recorded accuracy counts) ties with
+another after rounding (near-uniform outputs of a weak net): its probability is rounded up
+one float16 step instead, so the argmax of the kept probabilities is the net's prediction.
 
 Collected during the test pass a stage runs anyway (no second pass over the data). Under
 DDP each rank evaluates images r, r + N, r + 2N, ... of the test set, each image on exactly
@@ -45,7 +46,13 @@ class KeptOutputs:
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One test batch (kept on its device until ``gather``)."""
         with torch.no_grad():
-            self.probs.append(torch.softmax(logits.detach().float(), dim=-1).half())
+            logits = logits.detach()
+            probs = torch.softmax(logits.float(), dim=-1).half()
+            top = logits.argmax(-1, keepdim=True)
+            kept = probs.gather(-1, top)
+            lost = probs.argmax(-1, keepdim=True) != top  # a tie, broken to another class
+            up = torch.nextafter(kept, torch.full_like(kept, float("inf")))
+            self.probs.append(probs.scatter_(-1, top, torch.where(lost, up, kept)))
             self.targets.append(labels.detach().to(torch.int64))
 
     def gather(self, module: L.LightningModule) -> None:
