@@ -379,8 +379,9 @@ class Runner:
                                 enable_progress_bar=False, enable_model_summary=False,
                                 default_root_dir=self.store.root, plugins=self.plugins)
             metrics = test_metrics(trainer.test(module, self.datamodule, verbose=False)[0])
+            outputs = module.kept_outputs.result
             self.store.add_file(stage, stage.OUTPUTS,
-                                lambda path: save_tensors(module.kept_outputs.result, path))
+                                lambda path, outputs=outputs: save_tensors(outputs, path))
             self.dist.say(f"{stage.name}: test outputs added from its stored weights (test "
                           f"accuracy {metrics['test_acc']:.4f})")
 
