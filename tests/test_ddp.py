@@ -60,7 +60,7 @@ def test_ddp_two_cpu_ranks_agree_and_write_once(tmp_path):
     # one-process run keeps them (to float16 steps: the weights differ in the last bits).
     labels = class_images(128, 10, (28, 28), 0)[1]
     ddp_kept, serial_kept = kept_outputs(store, labels), kept_outputs(single / "store", labels)
-    assert len(ddp_kept) == len(serial_kept) == 2 + 1 + 1  # dense A and B, round, arm
+    assert len(ddp_kept) == len(serial_kept) == 2 + 2 + 1  # dense A, B, target rounds, arm
     for (ddp, serial) in zip(ddp_kept.values(), serial_kept.values(), strict=True):
         torch.testing.assert_close(ddp["probs"], serial["probs"], atol=2**-8, rtol=0)
     assert abs(one["test_loss"] - row["test_loss"]) < 1e-4
