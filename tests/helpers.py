@@ -5,6 +5,7 @@ no test module imports another (tests/test_layers.py checks it).
   ``records``, ``results``, ``stage_outputs``), ``experiment`` (the CLI run, optionally killed
   at a fail point), ``assert_same`` (outputs equal, timing fields aside),
   ``rows_without_timing`` (result rows to compare across runs);
+- ``kept_outputs``: every stage's kept test outputs, each checked against its stage;
 - ``DEVICES``: cpu, and cuda where there is a CUDA device (``requires_cuda``, conftest.py);
 - small nets in a generic state for the symmetry tests: ``MODELS``, ``make``,
   ``permuted_copy``.
@@ -16,6 +17,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -95,6 +97,36 @@ def assert_same(a, b, where: str = "") -> None:
             assert_same(x, y, f"{where}[{index}]")
     else:
         assert a == b or (a != a and b != b), (where, a, b)  # NaN equals NaN here
+
+
+# float16 rounds each probability to within 2**-11 of itself (relative), subnormals below
+# 2**-14 to within 2**-25, and a tied top class is rounded up one step (at most 2**-10 of
+# itself, training/outputs.py): a row of C sums to 1 within 2**-11 + 2**-10 + C * 2**-25.
+def row_sum_tolerance(classes: int) -> float:
+    return 2**-11 + 2**-10 + classes * 2**-25
+
+
+def kept_outputs(store: Path, labels: np.ndarray) -> dict[Path, dict]:
+    """Every finished stage's test_outputs.pt by folder, each checked: float16 probabilities
+    [N, C] whose rows sum to 1, the test set's ``labels`` in order, sealed in the stage's
+    manifest, and as many argmax hits as the stage's recorded test accuracy counts."""
+    found = {}
+    for path in sorted(store.glob("*/*/test_outputs.pt")):
+        folder = path.parent
+        outputs = torch.load(path, weights_only=True)
+        probs, targets = outputs["probs"], outputs["targets"]
+        assert probs.dtype == torch.float16 and probs.shape[0] == len(labels), folder
+        assert targets.dtype == torch.int64 and targets.tolist() == labels.tolist(), folder
+        row_sums = probs.float().sum(1)
+        assert float((row_sums - 1).abs().max()) <= row_sum_tolerance(probs.shape[1]), folder
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        assert path.name in manifest["files"], folder
+        stored = json.loads((folder / ("result.json" if folder.parent.name == "arm"
+                                       else "metrics.json")).read_text())
+        hits = int((probs.argmax(1) == targets).sum())
+        assert round(stored["test_acc"] * len(labels)) == hits, folder
+        found[folder] = outputs
+    return found
 
 
 def results(store: Path) -> list[dict]:

@@ -4,8 +4,8 @@ same experiment as one process: the global batch stays data.batch_size."""
 from __future__ import annotations
 
 import torch
-from conftest import run_cli
-from helpers import IMP_ROUNDS, NO_WANDB, events, records, tiny_config
+from conftest import class_images, run_cli
+from helpers import IMP_ROUNDS, NO_WANDB, events, kept_outputs, records, tiny_config
 
 from lightning_lth.io import load_tensors
 from lightning_lth.sparsity.mask import Mask
@@ -56,4 +56,11 @@ def test_ddp_two_cpu_ranks_agree_and_write_once(tmp_path):
             for name in serial:
                 torch.testing.assert_close(ddp[name], serial[name], rtol=0, atol=1e-5)
     assert abs(one["dense_acc_a"] - row["dense_acc_a"]) < 1e-9
+    # Kept test outputs, gathered from both ranks: every test image once, in order, as the
+    # one-process run keeps them (to float16 steps: the weights differ in the last bits).
+    labels = class_images(128, 10, (28, 28), 0)[1]
+    ddp_kept, serial_kept = kept_outputs(store, labels), kept_outputs(single / "store", labels)
+    assert len(ddp_kept) == len(serial_kept) == 2 + 2 + 1  # dense A, B, target rounds, arm
+    for (ddp, serial) in zip(ddp_kept.values(), serial_kept.values(), strict=True):
+        torch.testing.assert_close(ddp["probs"], serial["probs"], atol=2**-8, rtol=0)
     assert abs(one["test_loss"] - row["test_loss"]) < 1e-4

@@ -25,10 +25,24 @@ def test_epoch_values_equal_torchmetrics_to_the_bit_then_start_again():
         sums.update(logits, labels, loss)
         mean_loss.update(loss.expand(size))
         accuracy.update(logits, labels)
-    loss, acc = sums.compute()
+    values = sums.compute()
+    loss, acc = values["loss"], values["acc"]
+    assert set(values) == {"acc", "loss"}  # no top-5 unless asked for
     kept = sums.loss
     sums.reset()
     assert loss.dtype == acc.dtype == torch.float32
     assert torch.equal(loss, mean_loss.compute()) and torch.equal(acc, accuracy.compute())
     assert sums.loss is kept and float(kept) == 0  # zeroed in place (a CUDA graph holds it)
     assert sums.compute() is None  # an epoch without batches logs nothing
+
+
+@pytest.mark.quick
+def test_top5_equals_torchmetrics_top_k_accuracy():
+    generator = torch.Generator().manual_seed(1)
+    sums, top5 = EpochSums(top5=True), MulticlassAccuracy(100, top_k=5, average="micro")
+    for size in (64, 37, 1):
+        logits = torch.randn(size, 100, generator=generator)
+        labels = torch.randint(0, 100, (size,), generator=generator)
+        sums.update(logits, labels, F.cross_entropy(logits, labels))
+        top5.update(logits, labels)
+    assert torch.equal(sums.compute()["acc_top5"], top5.compute())

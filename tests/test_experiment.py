@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
-from helpers import IMP_ROUNDS, NO_WANDB, events, records, tiny_config
+from conftest import REPO, class_images, run_cli
+from helpers import IMP_ROUNDS, NO_WANDB, events, kept_outputs, records, tiny_config
 
 from lightning_lth.cli import main
+from lightning_lth.experiment.results import invalid
 from lightning_lth.io import save_tensors
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.training.module import LTHModule
@@ -52,6 +53,22 @@ def test_experiment_end_to_end_then_rerun_trains_nothing(tmp_path):
     assert len(by_k[0] | by_k[1] | dense_orders) == 4
     masks = {r["key"]: store / "arm" / r["key"] / "mask.pt" for r in rows}
     assert all(path.is_file() for path in masks.values())
+    # Kept test outputs: each dense net, the IMP round at each target and each arm; the
+    # rounds between keep none. Each record names the stages it read, where they are.
+    kept = kept_outputs(store, class_images(128, 10, (28, 28), 0)[1])
+    targets = {row["stages"]["imp"] for row in rows}
+    assert len(targets) == 2 and {f.parent.name for f in kept} == {"dense", "imp", "arm"}
+    assert {f.name for f in kept if f.parent.name == "imp"} == targets
+    assert {f.name for f in kept if f.parent.name == "arm"} == {r["key"] for r in rows}
+    dense = {f.name for f in kept if f.parent.name == "dense"}
+    assert len(dense) == 2 and {r["stages"]["dense_a"] for r in rows} < dense
+    assert {r["stages"].get("dense_b") for r in rows} == (dense - {rows[0]["stages"]["dense_a"]}
+                                                         ) | {None}  # LTH reads no B
+    assert all((r["method"] == "lth") == ("dense_b" not in r["stages"]) for r in rows)
+    assert all(r["test_acc_top5"] is None and invalid(r) is None for r in rows)  # 10 classes
+    assert invalid({**rows[0], "stages": {"imp": 3}}).startswith("stages must be dict[str, str]")
+    old = {k: v for k, v in rows[0].items() if k not in ("stages", "test_acc_top5")}
+    assert invalid(old) is None  # records from before these fields
 
     stamps = {p: p.stat().st_mtime_ns for p in store.rglob("*.pt")}
     again = run_cli("experiment", "--config", config, cwd=tmp_path, env=NO_WANDB)

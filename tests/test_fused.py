@@ -11,8 +11,17 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import REPO, write_idx_dataset
-from helpers import DEVICES, assert_same, events, experiment, results, stage_outputs, tiny_config
+from conftest import REPO, class_images, write_idx_dataset
+from helpers import (
+    DEVICES,
+    assert_same,
+    events,
+    experiment,
+    kept_outputs,
+    results,
+    stage_outputs,
+    tiny_config,
+)
 from torch import nn
 
 from lightning_lth.cli import main
@@ -226,6 +235,15 @@ def test_fused_study_stores_one_stage_per_arm_equal_to_the_alone_study(tmp_path,
         for key, value in expected["state_dict"].items():
             torch.testing.assert_close(final["state_dict"][key], value,
                                        atol=WEIGHT_TOLERANCE, rtol=0)
+    # Each member keeps its own test outputs, its alone run's to two float16 steps (2**-11
+    # each below 1): probabilities that differ in the last float32 bits may round apart,
+    # and a tied top class is rounded up one step (training/outputs.py).
+    labels = class_images(128, 10, (28, 28), 0)[1]
+    fused_kept, alone_kept = kept_outputs(fused_study, labels), kept_outputs(store, labels)
+    for row in rows:
+        ours, theirs = (found[folder / "arm" / row["key"]] for found, folder in (
+            (fused_kept, fused_study), (alone_kept, store)))
+        torch.testing.assert_close(ours["probs"], theirs["probs"], atol=2**-10, rtol=0)
 
 
 def test_kill_a_fused_group_then_rerun_equals_an_uninterrupted_run(tmp_path, fused_study):

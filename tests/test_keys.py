@@ -144,6 +144,7 @@ EXPECTED: dict[str, Expect] = {
     "study.resume.every_minutes": exact(set(), value=1.0),
     "study.resume.every_n_steps": exact(set(), value=5),
     "study.fuse": exact(set(), value=3),  # float-tolerance only; recorded (fused)
+    "study.keep_outputs": exact(set(), value=False),  # which files a stage keeps
     "study.seed_b_offset": exact({"dense B", "match", "arm naive", "arm permuted"}, value=7),
     "study.prune.epochs_per_round": exact({"imp"} | ARMS, value=2),
     "study.prune.lr": exact({"imp"} | ARMS, value=0.1),

@@ -110,6 +110,9 @@ class Study:
     fuse: PositiveInt | None = None
     """Arms (of one k) trained side by side as one stacked model, this many per group; 1: one
     after another; null: the training device's default (runner.FUSE_DEFAULT)."""
+    keep_outputs: bool = True
+    """Each dense net, target IMP round and arm keeps its test-set softmax outputs (float16,
+    test_outputs.pt) for the diversity metrics; false for huge test sets (README)."""
     wandb_project: str = "lightning_lth"
     """The W&B project of every stage's run."""
     wandb_mode: WandbMode = "auto"

@@ -69,6 +69,7 @@ EXCLUDED: dict[str, str] = {
     "study.fuse": "how arms are batched: a fused member equals its alone run to float "
                   "tolerance (tests/test_fused.py), like the thread count; the group size is "
                   "recorded in each record (fused), and an arm finished either way is reused",
+    "study.keep_outputs": "which files a stage keeps: its test outputs change no number",
     "study.wandb_project": "logging",
     "study.wandb_mode": "logging",
 }

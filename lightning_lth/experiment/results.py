@@ -62,13 +62,19 @@ class Record:
     pi_correlation: dict | None = None  # group -> mean correlation of the units pi pairs
     pi_agreement: dict | None = None  # group -> fraction of units mapped as by the final pi
     # (same method, both nets at T); None where B did not reach T or no such match ran
+    # Top-5 test accuracy, for datasets of 100 classes or more (None below, and in records
+    # from before it was kept)
+    test_acc_top5: float | None = None
+    # The keys of the stages the arm read (ArmStage.stage_keys: dense_a, imp, dense_b where
+    # it trained from a B): their folders <store>/<kind>/<key>/ hold their test outputs
+    stages: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 _FRACTIONS = ("sparsity", "test_acc", "dense_acc_a", "dense_acc_b", "pruned_acc_a",
-              "acc_b_at_match")
+              "acc_b_at_match", "test_acc_top5")
 
 
 def _type_ok(value, kind: str) -> bool:
@@ -76,11 +82,12 @@ def _type_ok(value, kind: str) -> bool:
     integer = isinstance(value, int) and not isinstance(value, bool)
     per_group = isinstance(value, dict) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values())
+    names = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     base, _, optional = kind.partition(" | ")
     if optional and value is None:
         return True
     return {"str": isinstance(value, str), "int": integer, "float": number,
-            "dict": per_group}[base]
+            "dict": per_group, "dict[str, str]": names}[base]
 
 
 def invalid(record) -> str | None:

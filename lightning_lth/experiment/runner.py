@@ -35,16 +35,18 @@ from lightning_lth.experiment.stages import (
     Stage,
     WeightsRef,
     load_perm,
+    test_metrics,
 )
 from lightning_lth.experiment.store import CHECKPOINTS, Store, stage_times
 from lightning_lth.experiment.tracking import Tracking
-from lightning_lth.io import load_json, write_atomic
+from lightning_lth.io import load_json, save_tensors, write_atomic
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.symmetry.matching import perm_agreement
 from lightning_lth.training.callbacks import ResumePoints, RewindSnapshots, check_rewind_epochs
 from lightning_lth.training.failpoints import KillSwitch
 from lightning_lth.training.fused import unfusable
 from lightning_lth.training.module import LTHModule, load_snapshot, load_weights
+from lightning_lth.training.outputs import KeptOutputs
 
 # study.fuse when it is not set, per training device type: the group size (1: arms train
 # one after another). Measured: on CPU the fused group of 12 demo-MLP arms took 1.09-1.12x
@@ -191,9 +193,31 @@ class Runner:
         self.datamodule.order_seed = self.order_seed(*stage.order())
         trainer.fit(module, self.datamodule, ckpt_path=resume)
 
-    def test(self, trainer: L.Trainer, module: LTHModule) -> dict:
-        metrics = trainer.test(module, self.datamodule, verbose=False)[0]
-        return {"test_acc": float(metrics["test/acc"]), "test_loss": float(metrics["test/loss"])}
+    def test(self, trainer: L.Trainer, module: LTHModule, stage: Stage | None = None,
+             work: Path | None = None) -> dict:
+        """The test metrics (``stages.test_metrics``); where ``stage`` keeps its outputs
+        (``keeps_outputs``), they are collected in the same pass and saved into ``work``."""
+        keep = stage is not None and self.keeps_outputs(stage)
+        module.kept_outputs = KeptOutputs() if keep else None
+        metrics = test_metrics(trainer.test(module, self.datamodule, verbose=False)[0])
+        if keep:
+            self.save_outputs(stage, work, module.kept_outputs.result)
+        module.kept_outputs = None
+        return metrics
+
+    def keeps_outputs(self, stage: Stage) -> bool:
+        """Whether ``stage`` keeps its test outputs: with ``study.keep_outputs``, a dense
+        net at T, every arm and the IMP round at each target sparsity (the IMP solutions the
+        diversity groups compare; the rounds between are in no group)."""
+        if not self.study.keep_outputs or not hasattr(stage, "OUTPUTS"):
+            return False
+        return not isinstance(stage, ImpRound) or stage.key in {
+            target.key for target in self._plan.targets.values()}
+
+    def save_outputs(self, stage: Stage, work: Path, outputs: dict) -> None:
+        """A stage's kept test outputs into its folder (rank 0; every rank gathered them)."""
+        if self.dist.is_writer:
+            save_tensors(outputs, work / stage.OUTPUTS)
 
     def device(self) -> torch.device:
         accelerator = str(self.config["trainer"].get("accelerator", "auto"))
@@ -280,6 +304,7 @@ class Runner:
             model=model["arch"], dataset=self.config["data"]["dataset"], width=model["width"],
             seed=arm.seed, method=arm.shown, sparsity=arm.sparsity,
             rewind_epoch=arm.rewind_epoch, test_acc=result["test_acc"],
+            test_acc_top5=result.get("test_acc_top5"), stages=arm.stage_keys(),
             test_loss=result["test_loss"], dense_acc_a=dense["a"], dense_acc_b=dense["b"],
             pruned_acc_a=pruned,
             **{f"barrier_{name}": value for name, value in self._barriers(curves).items()},
@@ -328,6 +353,7 @@ class Runner:
                 self.run_group(group)
         for stage in plan.stages:  # everything else; a finished member is only verified
             self.run(stage)
+        self.add_missing_outputs(plan)
         records = []
         for arm in plan.arms:
             record = self.record(arm, load_json(self.run(arm) / ArmStage.RESULT))
@@ -337,6 +363,27 @@ class Runner:
         self.dist.say(f"experiment: {len(records)} arm results in {time.time() - started:.1f} s;"
                       f" results file {Path(self.study.store) / RESULTS_FILE}")
         return records
+
+    def add_missing_outputs(self, plan: Plan) -> None:
+        """The test outputs of finished stages stored without them (by older code, or with
+        study.keep_outputs off): a test pass of each one's stored weights, no training, the
+        file sealed into its manifest (``Store.add_file``)."""
+        missing = [index for index, stage in enumerate(plan.stages)
+                   if self.keeps_outputs(stage) and not self.store.sealed(stage, stage.OUTPUTS)
+                   ] if self.dist.is_writer else None
+        for index in self.dist.broadcast(missing):  # every rank runs the test passes
+            stage = plan.stages[index]
+            module = self.module(init_weights=str(self.store.path(stage) / stage.WEIGHTS))
+            module.kept_outputs = KeptOutputs()
+            trainer = L.Trainer(**self.trainer_args, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=self.store.root, plugins=self.plugins)
+            metrics = test_metrics(trainer.test(module, self.datamodule, verbose=False)[0])
+            outputs = module.kept_outputs.result
+            self.store.add_file(stage, stage.OUTPUTS,
+                                lambda path, outputs=outputs: save_tensors(outputs, path))
+            self.dist.say(f"{stage.name}: test outputs added from its stored weights (test "
+                          f"accuracy {metrics['test_acc']:.4f})")
 
     def statuses(self, plan: Plan) -> Callable[[Stage], str]:
         """Each stage's status in the store, a finished one's checksums verified (once)."""

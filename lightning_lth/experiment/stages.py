@@ -17,6 +17,11 @@ Data order: each training stage draws its batches from its own identity (``order
 nets from their seed, an IMP round from (seed, round, pruned count), an arm from (seed, k).
 All arms that rewind to the same k therefore share one data order (a paired comparison,
 distinct from dense A's and B's).
+
+Kept test outputs: a dense net at T, an arm and the IMP round at each of the study's target
+sparsities write ``OUTPUTS`` (``training/outputs.py``: each test image's softmax
+probabilities in float16, and its label) from the test pass they run anyway, unless
+``study.keep_outputs`` is off; ``WEIGHTS`` is the net they are of.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from lightning_lth.symmetry.trace import get_spec, skip_path_convs
 from lightning_lth.training.callbacks import ResumePoints, RewindSnapshots, snapshot_name
 from lightning_lth.training.fused import FusedArms, MemberLogs
 from lightning_lth.training.module import LTHModule
+from lightning_lth.training.outputs import KeptOutputs
 
 
 @runtime_checkable
@@ -75,7 +81,10 @@ class StageContext(Protocol):
     def group_trainer(self, group: ArmGroup, work: Path, max_epochs: int,
                       callbacks=()) -> L.Trainer: ...
     def fit(self, trainer: L.Trainer, module: L.LightningModule, stage: Stage, resume: str | None): ...
-    def test(self, trainer: L.Trainer, module: LTHModule) -> dict: ...
+    def test(self, trainer: L.Trainer, module: LTHModule, stage: Stage | None = None,
+             work: Path | None = None) -> dict: ...
+    def keeps_outputs(self, stage: Stage) -> bool: ...
+    def save_outputs(self, stage: Stage, work: Path, outputs: dict) -> None: ...
     def device(self) -> torch.device: ...
     def run(self, stage: Stage) -> Path: ...
     def weights(self, ref: WeightsRef) -> Path: ...
@@ -135,6 +144,17 @@ class WeightsRef:
 
 def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().clone() for key, value in net.state_dict().items()}
+
+
+TEST_OUTPUTS = "test_outputs.pt"  # every kind's OUTPUTS (see the module docstring)
+TEST_METRICS = {"test/acc": "test_acc", "test/loss": "test_loss",
+                "test/acc_top5": "test_acc_top5"}  # logged name -> metrics.json's
+
+
+def test_metrics(logged: dict) -> dict[str, float]:
+    """A test pass's logged values under the names stage metrics and records use (top-5
+    only where logged: datasets of 100 classes or more)."""
+    return {name: float(logged[key]) for key, name in TEST_METRICS.items() if key in logged}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +232,8 @@ class DenseStage(Stage):
     kind: ClassVar[str] = "dense"
     METRICS: ClassVar[str] = "metrics.json"  # test accuracy and loss, the saved epochs
     REWIND: ClassVar[str] = "rewind"  # the snapshots' folder (RewindSnapshots' files)
+    WEIGHTS: ClassVar[str] = f"{REWIND}/{RewindSnapshots.FINAL}"  # the net at T
+    OUTPUTS: ClassVar[str] = TEST_OUTPUTS
     role: str  # "A" or "B", for people; the seed is what distinguishes them
     seed: int
     save_epochs: tuple[int, ...]  # not in the key: a later epoch is its own snapshot stage
@@ -231,7 +253,7 @@ class DenseStage(Stage):
             resume = self._continue_truncated(ctx, work)
         trainer, module = _train_dense(ctx, self, self.seed, work, resume, self.epochs,
                                        self.save_epochs, final=True)
-        metrics = ctx.test(trainer, module)
+        metrics = ctx.test(trainer, module, self, work)
         if ctx.dist.is_writer:
             save_json({**metrics, "saved_epochs": list(self.save_epochs),
                        "order_seed": ctx.order_seed(*self.order())}, work / self.METRICS)
@@ -265,9 +287,8 @@ class DenseStage(Stage):
 
     def weights(self, epoch: int | None) -> WeightsRef:
         """Epoch k's snapshot (None: the final weights)."""
-        name = RewindSnapshots.FINAL if epoch is None else snapshot_name(epoch)
-        return WeightsRef(f"{self.key}@{'final' if epoch is None else epoch}", self,
-                          f"{self.REWIND}/{name}")
+        path = self.WEIGHTS if epoch is None else f"{self.REWIND}/{snapshot_name(epoch)}"
+        return WeightsRef(f"{self.key}@{'final' if epoch is None else epoch}", self, path)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -340,6 +361,7 @@ class ImpRound(Stage):
     MASK: ClassVar[str] = "mask.pt"
     WEIGHTS: ClassVar[str] = "weights.pt"  # after the round's training
     METRICS: ClassVar[str] = "metrics.json"  # test accuracy and loss, the sparsity
+    OUTPUTS: ClassVar[str] = TEST_OUTPUTS  # a target round's only (Runner.keeps_outputs)
     seed: int
     step: int  # rounds so far in its chain
     zeros: int
@@ -391,7 +413,8 @@ class ImpRound(Stage):
             ctx.fit(trainer, module, self, resume)
             imp.check_masked_zero(module.net, mask, self.name)
         metrics = {"step": self.step, "zeros": self.zeros, "prunable": self.prunable,
-                   "sparsity": self.zeros / self.prunable, "epochs": self.epochs, **ctx.test(trainer, module)}
+                   "sparsity": self.zeros / self.prunable, "epochs": self.epochs,
+                   **ctx.test(trainer, module, self, work)}
         if ctx.dist.is_writer:
             mask.save(work / self.MASK)
             save_tensors({"state_dict": _state(module.net), "epoch": self.step * self.epochs,
@@ -487,6 +510,7 @@ class ArmStage(Stage):
     MASK: ClassVar[str] = "mask.pt"  # the mask it trained with
     WEIGHTS: ClassVar[str] = "final.pt"  # after its T - k epochs
     RESULT: ClassVar[str] = "result.json"  # what its record is made from
+    OUTPUTS: ClassVar[str] = TEST_OUTPUTS
     IN_SWEEP: ClassVar[bool] = True
     arm: ArmSpec
     seed: int
@@ -504,6 +528,20 @@ class ArmStage(Stage):
 
     def reads(self):
         return tuple(s for s in (self.init.stage, self.round, self.matching) if s)
+
+    def stage_keys(self) -> dict[str, str]:
+        """The keys of the dense nets and the IMP round this arm reads, where the report
+        finds their kept outputs: ``imp`` (its mask's round), ``dense_a`` (the net that
+        round's chain starts from) and, for an arm trained from a B, ``dense_b`` (the net
+        its snapshot is of; LTH reads no B). A snapshot stage's net is its dense stage."""
+        def dense(ref: WeightsRef) -> str:
+            return (ref.stage.dense if isinstance(ref.stage, SnapshotStage) else ref.stage).key
+
+        start = self.round
+        while start.previous is not None:
+            start = start.previous
+        keys = {"dense_a": dense(start.dense), "imp": self.round.key}
+        return keys | ({"dense_b": dense(self.init)} if self.arm.init == "B" else {})
 
     @property
     def components(self) -> str:
@@ -565,7 +603,7 @@ class ArmStage(Stage):
         module = self.member(ctx)
         trainer = ctx.trainer(self, work, self.epochs, (), self.wandb_config(ctx))
         ctx.fit(trainer, module, self, resume)
-        metrics = ctx.test(trainer, module)
+        metrics = ctx.test(trainer, module, self, work)
         self.save(ctx, work, _state(module.net), module.mask, metrics, time.time() - started,
                   fused=1, trainer=trainer)
 
@@ -603,10 +641,15 @@ class ArmGroup:
                            for arm in self.members])
         trainer = ctx.group_trainer(self, group_work, first.epochs, [logs])
         ctx.fit(trainer, fused, first, resume)
+        kept = [ctx.keeps_outputs(arm) for arm in self.members]
+        fused.kept_outputs = KeptOutputs(images_dim=1) if any(kept) else None
         trainer.test(fused, ctx.datamodule, verbose=False)
         share = (time.time() - started) / len(self.members)
         for index, (arm, module) in enumerate(zip(self.members, modules, strict=True)):
-            test = fused.metrics("test")[index]
-            metrics = {"test_acc": test["test/acc"], "test_loss": test["test/loss"]}
+            metrics = test_metrics(fused.metrics("test")[index])
+            if kept[index]:  # the member's own rows, as a file of their own (not a view)
+                outputs = fused.kept_outputs.result
+                ctx.save_outputs(arm, works[arm.key], {"probs": outputs["probs"][index].clone(),
+                                                       "targets": outputs["targets"]})
             arm.save(ctx, works[arm.key], fused.member_state(index), module.mask, metrics,
                      share, fused=len(self.members), trainer=None)

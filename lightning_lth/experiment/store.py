@@ -11,7 +11,9 @@ computed again.
 
 Write once: a partial folder without a resume checkpoint is emptied before its stage starts
 (what a killed try wrote there is not trusted), a killed write's temporary file never enters
-a finished stage, and a finished stage is never written again.
+a finished stage, and a finished stage's files are never written again. The one addition
+(``add_file``): a file its stage now keeps that an older copy lacks (its test outputs,
+computed from its stored weights), sealed into its manifest.
 """
 
 from __future__ import annotations
@@ -91,6 +93,28 @@ class Store:
     def verify(self, stage: StoredStage) -> bool:
         """True when the finished stage exists and every file matches its checksum."""
         return self.intact(self.path(stage))
+
+    def sealed(self, stage: StoredStage, name: str) -> bool:
+        """Whether the finished stage's manifest lists ``name`` (checksummed with the rest)."""
+        manifest = _readable(self.path(stage) / MANIFEST) or {}
+        return name in manifest.get("files", {})
+
+    def add_file(self, stage: StoredStage, name: str, write: Callable[[Path], None]) -> None:
+        """Add ``name`` (``write(path)`` writes it atomically) to a finished stage and to its
+        manifest, under the stage's lock; rank 0 only. The file first, then the manifest: a
+        kill between them leaves a file the manifest does not list, which the next addition
+        replaces."""
+        if not self.dist.is_writer:
+            return
+        with self.lock(stage):
+            final = self.path(stage)
+            manifest = load_json(final / MANIFEST)
+            if name in manifest["files"]:  # another run added it meanwhile
+                return
+            write(final / name)
+            manifest["files"][name] = file_sha256(final / name)
+            save_json(manifest, final / MANIFEST)
+        self.log_event("added", stage, file=name)
 
     def finished(self, kind: str) -> list[Path]:
         """The folders of every finished stage of ``kind`` (check one with ``intact``)."""

@@ -38,7 +38,9 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from lightning_lth.errors import LTHError
+from lightning_lth.training.epoch_sums import TOP5_MIN_CLASSES, top5_correct
 from lightning_lth.training.module import LTHModule, float_mask_pairs, hold_masks
+from lightning_lth.training.outputs import KeptOutputs
 
 # The hyperparameters members must share to train as one model.
 SHARED = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs", "lr",
@@ -68,7 +70,9 @@ def _slot(name: str) -> str:
 class FusedArms(L.LightningModule):
     """``len(members)`` nets as one stacked model; ``members`` are ready ``LTHModule``s (their
     snapshot's weights loaded, their mask set). ``member_state(i)`` gives member i's net's
-    state dict; ``metrics(split)`` each member's accuracy and mean loss over the split."""
+    state dict; ``metrics(split)`` each member's accuracy and mean loss over the split (and
+    test top-5 accuracy, as ``LTHModule`` logs it); ``kept_outputs``, where set, each
+    member's test outputs (probabilities members x images x classes)."""
 
     def __init__(self, members: Sequence[LTHModule], example: torch.Tensor):
         super().__init__()
@@ -106,7 +110,10 @@ class FusedArms(L.LightningModule):
             self.masks.register_buffer(_slot(name), torch.stack([m.tensors[name] for m in masks]),
                                        persistent=False)
         self.member_masks = masks
-        self._sums = {split: torch.zeros(self.size, 3, dtype=torch.float64) for split in SPLITS}
+        # per member: correct, loss sum, images, top-5 correct (test only, >= 100 classes)
+        self._sums = {split: torch.zeros(self.size, 4, dtype=torch.float64) for split in SPLITS}
+        self._top5 = first.get("num_classes") >= TOP5_MIN_CLASSES
+        self.kept_outputs: KeptOutputs | None = None
         self._hooks: list = []
         self._check_fusable(example)
 
@@ -177,21 +184,29 @@ class FusedArms(L.LightningModule):
         with torch.no_grad():
             correct = (logits.argmax(dim=2) == labels).sum(dim=1)
             count = torch.full_like(losses, len(labels))
-            step = torch.stack([correct.to(losses.dtype), losses * len(labels), count], dim=1)
+            top5 = (top5_correct(logits, labels).sum(dim=1) if split == "test" and self._top5
+                    else torch.zeros_like(correct))
+            step = torch.stack([correct.to(losses.dtype), losses * len(labels), count,
+                                top5.to(losses.dtype)], dim=1)
             sums = self._sums[split]
             if sums.device != step.device:
                 sums = self._sums[split] = sums.to(step.device)
             sums.add_(step)
+            if split == "test" and self.kept_outputs is not None:
+                self.kept_outputs.add(logits, labels)
         return losses.sum()  # each member's gradient is its own mean loss's
 
     def _reset(self, split: str) -> None:
-        self._sums[split] = torch.zeros(self.size, 3, dtype=torch.float64, device=self.device)
+        self._sums[split] = torch.zeros(self.size, 4, dtype=torch.float64, device=self.device)
 
     def metrics(self, split: str) -> list[dict[str, float]]:
-        """Each member's ``<split>/acc`` and ``<split>/loss`` (mean per image) so far."""
+        """Each member's ``<split>/acc`` and ``<split>/loss`` (mean per image) so far, and
+        ``test/acc_top5`` for a dataset of ``TOP5_MIN_CLASSES`` classes or more."""
         sums = self._sums[split].cpu()
-        return [{f"{split}/acc": float(correct / count), f"{split}/loss": float(loss / count)}
-                for correct, loss, count in sums.tolist()] if sums[0, 2] > 0 else \
+        top5 = split == "test" and self._top5
+        return [{f"{split}/acc": float(correct / count), f"{split}/loss": float(loss / count),
+                 **({f"{split}/acc_top5": float(hits / count)} if top5 else {})}
+                for correct, loss, count, hits in sums.tolist()] if sums[0, 2] > 0 else \
             [{} for _ in range(self.size)]
 
     def on_train_epoch_start(self) -> None:
@@ -202,6 +217,10 @@ class FusedArms(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._reset("test")
+
+    def on_test_epoch_end(self) -> None:
+        if self.kept_outputs is not None:
+            self.kept_outputs.gather(self)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")

@@ -8,9 +8,11 @@ more as 0.0/1.0 in the parameter's dtype, since multiplying by a bool tensor con
 every call (on a CPU ~50x the multiply itself); the products are the same.
 
 Per-step Python work is kept to the forward, the loss and a few in-place sums
-(``EpochSums``: each split's loss and accuracy, logged once per epoch); the training loss
+(``EpochSums``: each split's loss and accuracy, logged once per epoch; top-5 accuracy on
+the test split of a dataset with ``TOP5_MIN_CLASSES`` classes or more); the training loss
 per step is logged only at the steps the loggers write (``trainer.log_every_n_steps``). A
-Lightning ``log`` call per step costs more than a small net's whole step.
+Lightning ``log`` call per step costs more than a small net's whole step. A test pass keeps
+its softmax outputs where ``kept_outputs`` is set (``training/outputs.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from lightning_lth.io import load_tensors
 from lightning_lth.models import build_model
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.training.cuda_graphs import GraphedStep
-from lightning_lth.training.epoch_sums import EpochSums
+from lightning_lth.training.epoch_sums import TOP5_MIN_CLASSES, EpochSums
+from lightning_lth.training.outputs import KeptOutputs
 
 SCHEDULES = ("cosine", "constant")
 GRAPH_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
@@ -119,7 +122,9 @@ class LTHModule(L.LightningModule):
             self.net.compile()
         # each split's epoch loss and accuracy; they move with the module
         # (keyed <split>_sums: a ModuleDict key may not be a Module attribute such as train)
-        self.epoch_sums = nn.ModuleDict({f"{split}_sums": EpochSums() for split in SPLITS})
+        self.epoch_sums = nn.ModuleDict({f"{split}_sums": EpochSums(
+            top5=split == "test" and num_classes >= TOP5_MIN_CLASSES) for split in SPLITS})
+        self.kept_outputs: KeptOutputs | None = None  # a study sets it before a test pass
         self._hooks: list = []
         self._graphed: GraphedStep | None = None
 
@@ -205,6 +210,8 @@ class LTHModule(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         self.epoch_sums[f"{split}_sums"].update(logits, labels, loss)
+        if split == "test" and self.kept_outputs is not None:
+            self.kept_outputs.add(logits, labels)
         # Lightning's own test of "the loggers write at this step" (log_every_n_steps).
         if split == "train" and self.trainer._logger_connector.should_update_logs:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False,
@@ -222,13 +229,12 @@ class LTHModule(L.LightningModule):
         sums.reset()
         if values is None:
             return
-        loss, accuracy = values
-        # batch_size=1: each value is logged once, so Lightning's epoch mean is the value.
-        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=1)
         # train/loss also has a per-step column (train/loss_step)
-        self.log(f"{split}/loss" + ("_epoch" if split == "train" else ""), loss,
-                 on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
+        names = {"loss": "loss_epoch"} if split == "train" else {}
+        for name, value in values.items():
+            # batch_size=1: each value is logged once, so Lightning's epoch mean is the value.
+            self.log(f"{split}/{names.get(name, name)}", value, on_step=False, on_epoch=True,
+                     prog_bar=True, batch_size=1)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -238,6 +244,8 @@ class LTHModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+        if self.kept_outputs is not None:
+            self.kept_outputs.gather(self)
 
     def on_train_epoch_start(self) -> None:
         # Once per epoch, not per step: per-step Python work is what slows a fast GPU.
