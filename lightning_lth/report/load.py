@@ -14,6 +14,7 @@ import torch
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.results import invalid
 from lightning_lth.experiment.stages import ARMS, ArmStage
+from lightning_lth.experiment.stages import TEST_OUTPUTS as OUTPUTS  # every kind's
 from lightning_lth.io import load_json, load_tensors
 from lightning_lth.report.aggregate import base_method
 
@@ -21,9 +22,6 @@ from lightning_lth.report.aggregate import base_method
 # A record without `replicate` is replicate 0 (studies of one replicate).
 _RUN_ID = ("config_hash", "model", "dataset", "width", "seed", "method", "sparsity",
            "rewind_epoch", "replicate")
-# A stage's kept test-set outputs, {"probs": [N, C] float16 softmax, "targets": [N] int64}, in
-# <store>/<kind>/<key>/ (the stage classes' OUTPUTS)
-OUTPUTS = "test_outputs.pt"
 
 
 def validate_record(rec) -> str | None:
