@@ -49,12 +49,13 @@ def arm_run(tmp_path_factory) -> dict:
     group (the lth arm of one cell of the tiny study)."""
     folder = tmp_path_factory.mktemp("study")
     config = tiny_config(folder, n_train=64, sparsities=[0.2], rewind_epochs=[1],
-                         wandb_mode="offline", fuse=1)  # fused arms log no W&B run
-    # T = 2, one IMP round, one arm: 6 stages, the least that writes an arm's W&B run
-    result = run_cli("experiment", "--config", config, "--study.only.arm=lth",
-                     "--trainer.max_epochs=2", cwd=folder)
+                         wandb_mode="offline", fuse=2, arms=["lth", "naive"])
+    # T = 2, one IMP round, two arms trained as one fused group (the default on CUDA): each
+    # member's run is written from its CSV log after the group has trained
+    result = run_cli("experiment", "--config", config, "--trainer.max_epochs=2", cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     (log,) = (folder / "store").glob("wandb/wandb/offline-run-*-lth-*/run-*.wandb")
+    assert len(list((folder / "store").glob("wandb/wandb/offline-run-*-naive-*/run-*.wandb"))) == 1
     records = wandb_records(log)
 
     def of(kind: str) -> list:

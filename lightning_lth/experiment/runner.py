@@ -348,6 +348,8 @@ class Runner:
     def experiment(self) -> list[Record]:
         started = time.time()
         plan = self.plan()
+        if plan.final_match:  # every arm's record reads it, a fused member's at once (its run)
+            self.run(plan.final_match)
         for group in plan.arm_groups(self.fuse_size()):
             if len(group.members) > 1:
                 self.run_group(group)

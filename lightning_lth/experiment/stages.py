@@ -593,9 +593,12 @@ class ArmStage(Stage):
                    # val/acc in logs/ is test accuracy only when this is 0
                    "val_split": ctx.datamodule.val_split},
                   work / self.RESULT)
+        record = ctx.record(self, load_json(work / self.RESULT)).to_dict()
         if trainer is not None:
-            ctx.tracking.summary(trainer, ctx.record(self, load_json(work / self.RESULT))
-                                 .to_dict())
+            ctx.tracking.summary(trainer, record)
+        else:  # a fused group's member: its run from its CSV log, now that it has one
+            ctx.tracking.replay(self, self.wandb_config(ctx), work / self.LOGS / "metrics.csv",
+                                record)
 
     def compute(self, ctx: StageContext, work, resume):
         started = time.time()

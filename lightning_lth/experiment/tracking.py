@@ -3,6 +3,7 @@ width and dataset; arms also by sparsity and k), offline when there are no crede
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import sys
@@ -102,6 +103,23 @@ class Tracking:
             {key(c, side, name): curve[name] for (c, side), curve in named.items()
              for name in ("loss_barrier", "error_barrier")})
         logger.log_image("match/interpolation", [str(png)])
+
+    def replay(self, stage, config: dict, metrics_csv: Path, summary: dict) -> None:
+        """A W&B run for a stage that trained without one (a fused group's member: one
+        process cannot feed several live runs through Lightning's loggers): the rows of its
+        CSV log at their steps, then its summary, and the run finished. The same run (name,
+        id, group, config) as the stage would have had alone, written after training."""
+        logger = self.logger(stage, stage.shown, config)
+        if logger is None:
+            return
+        with open(metrics_csv, newline="") as handle:
+            rows = sorted(csv.DictReader(handle), key=lambda row: int(row["step"]))
+        for row in rows:
+            step = int(row.pop("step"))
+            logger.log_metrics({name: float(value) for name, value in row.items() if value != ""},
+                               step=step)
+        logger.experiment.summary.update(summary)
+        self.finish()
 
     def finish(self) -> None:
         wandb = sys.modules.get("wandb")  # only a run that was started needs finishing
