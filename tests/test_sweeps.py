@@ -15,11 +15,11 @@ import yaml
 from lightning_lth.cli import main
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
-GRID_SIZES = {"resnet20_cifar10": 972, "resnet20_cifar100": 972, "vgg11_cifar10": 252,
+GRID_SIZES = {"resnet20_cifar10": 1296, "resnet20_cifar100": 1296, "vgg11_cifar10": 252,
               "demo_fmnist": 72}
 # Phase 1 of each: one run per (width, seed) computing the shared stages, no arm.
 GRID_SIZES.update({f"{name}_shared": size for name, size in (
-    ("resnet20_cifar10", 9), ("resnet20_cifar100", 9), ("vgg11_cifar10", 3), ("demo_fmnist", 3))})
+    ("resnet20_cifar10", 12), ("resnet20_cifar100", 12), ("vgg11_cifar10", 3), ("demo_fmnist", 3))})
 
 
 def load(name: str) -> dict:
