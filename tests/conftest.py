@@ -10,8 +10,12 @@ subprocess.
   R, G, B planes of each 32x32 image row-major) and ``b'labels'``; torchvision loads them with
   ``encoding="latin1"`` and sees ``'data'``. We write exactly that: a protocol-2 pickle whose
   bytes are emitted as py2 strings.
+- ``write_svhn_dataset``: SVHN's cropped digits, ``train_32x32.mat`` and ``test_32x32.mat``:
+  MATLAB 5 files (what ``scipy.io.savemat`` writes and the real ones are) holding ``X``, uint8
+  32 x 32 x 3 x N (the image index last), and ``y``, uint8 N x 1 with 1..9 for those digits
+  and 10 for the digit 0.
 
-Both are learnable: each class has its own mean pattern, each image adds noise, so a tiny
+All are learnable: each class has its own mean pattern, each image adds noise, so a tiny
 model gets well above chance in an epoch or two. Everything is deterministic from ``seed``.
 """
 
@@ -151,6 +155,25 @@ def write_cifar_dataset(root: Path, name: str = "cifar10", n_train: int = 100,
     return root
 
 
+def write_svhn_dataset(root: Path, n_train: int = 100, n_test: int = 50, seed: int = 0) -> Path:
+    """Write ``train_32x32.mat`` and ``test_32x32.mat`` into ``root`` (a data_dir, where
+    torchvision's SVHN looks); return ``root``. The digit labels of image i are
+    ``class_images(n, 10, (32, 32, 3), seed)[1]``, stored with 10 for the digit 0.
+
+    Real format, not the real contents: torchvision's md5 check fails on them, so tests that
+    load them use the ``allow_unverified_svhn`` fixture.
+    """
+    from scipy.io import savemat
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n_train), ("test", n_test)):
+        images, digits = class_images(count, 10, (32, 32, 3), seed)
+        labels = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(-1, 1)
+        savemat(root / f"{split}_32x32.mat", {"X": images.transpose(1, 2, 3, 0), "y": labels})
+    return root
+
+
 def assert_interleaves(whole, ranks) -> None:
     """Rank r's batch k is positions r, r + N, ... of the 1-rank batch k (same images, same
     augmentation); the last batch loses its len % N tail so the ranks stay equal."""
@@ -215,6 +238,18 @@ def allow_unverified_cifar(monkeypatch):
     import torchvision.datasets.cifar as tv_cifar
 
     monkeypatch.setattr(tv_cifar, "check_integrity",
+                        lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+@pytest.fixture
+def allow_unverified_svhn(monkeypatch):
+    """Let torchvision's SVHN read our test-written .mat files (tests only): its
+    ``_check_integrity`` compares each file with the real download's md5 through
+    ``torchvision.datasets.svhn.check_integrity``, patched here (in torchvision's module) to
+    only ask that the file exists, so a missing file is still reported as missing."""
+    import torchvision.datasets.svhn as tv_svhn
+
+    monkeypatch.setattr(tv_svhn, "check_integrity",
                         lambda fpath, md5=None: os.path.isfile(fpath))
 
 

@@ -250,8 +250,8 @@ def run_subprocess(args, cwd, capfd, monkeypatch):
 BAD = {  # name: (extra arguments, what the one-line error must say)
     "unknown model": (["--model.arch=resnet99"],
                       ["'resnet99'", "mlp, resnet20, vgg11"]),
-    "unknown dataset": (["--data.dataset=svhn"],
-                        ["'svhn'", "cifar10, cifar100, fashion_mnist, imagenet, mnist"]),
+    "unknown dataset": (["--data.dataset=stl10"],
+                        ["'stl10'", "cifar10, cifar100, fashion_mnist, imagenet, mnist, svhn"]),
     "width 0": (["--model.width=0"], ["width", "integer >= 1", "got 0"]),
     "rewind beyond max_epochs": (["--trainer.callbacks.epochs=[0,3]"],
                                  ["rewind epoch 3", "max_epochs=2", "0..2"]),

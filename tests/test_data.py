@@ -9,7 +9,13 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import assert_interleaves, class_images, write_cifar_dataset, write_idx_dataset
+from conftest import (
+    assert_interleaves,
+    class_images,
+    write_cifar_dataset,
+    write_idx_dataset,
+    write_svhn_dataset,
+)
 
 from lightning_lth import data as data_module
 from lightning_lth.data import DATASETS, LTHDataModule
@@ -213,6 +219,58 @@ def test_cifar_train_augmentation_is_crop_and_flip(data_dir, loader):
     assert all(x.numpy().tobytes() in originals for x in to_uint8(images, *stats))
 
 
+def test_svhn_mat_files_look_like_the_real_ones(tmp_path):
+    from scipy.io import loadmat, whosmat
+
+    root = write_svhn_dataset(tmp_path, n_train=12, n_test=5)
+    path = root / "train_32x32.mat"
+    assert path.read_bytes()[:10] == b"MATLAB 5.0"  # the real files' header text
+    assert dict((name, shape) for name, shape, _ in whosmat(path)) == {
+        "X": (32, 32, 3, 12), "y": (12, 1)}
+    mat = loadmat(path)
+    assert mat["X"].dtype == np.uint8 and mat["y"].dtype == np.uint8
+    assert set(mat["y"].ravel()) == set(range(1, 11))  # 10 stands for the digit 0
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_svhn_reads_through_torchvision_crops_and_never_flips(tmp_path, allow_unverified_svhn,
+                                                               loader):
+    """torchvision's SVHN reads the .mat files (label 10 -> digit 0, N x C x H x W); eval
+    batches are normalised with SVHN's statistics; each augmented training image is one of
+    the 81 zero-padded RandomCrop(32, padding=4) shifts of a same-label image, never mirrored."""
+    n_train, n_test = 60, 20
+    root = write_svhn_dataset(tmp_path, n_train, n_test)
+    dm = make_dm("svhn", root, loader)
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 3, 32)
+    written_x, digits = class_images(n_test, 10, (32, 32, 3), 0)
+    test_split = dm.splits["test"]
+    assert np.array_equal(test_split.data, written_x.transpose(0, 3, 1, 2))
+    assert test_split.labels.tolist() == digits.tolist() and 0 in digits
+    images, labels = next(iter(dm.test_dataloader()))
+    assert labels.tolist() == digits.tolist()
+    stats = DATASETS["svhn"].authors_stats
+    assert stats == DATASETS["svhn"].stats == ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+    expected = normalise(torch.as_tensor(written_x).permute(0, 3, 1, 2), *stats)
+    torch.testing.assert_close(images.double(), expected, atol=1e-5, rtol=0)
+
+    train_split = dm.splits["train"]
+    raw, targets = torch.as_tensor(train_split.data), torch.as_tensor(train_split.labels)
+    padded = torch.nn.functional.pad(raw, (PAD,) * 4)
+    centers = center_patches(padded)
+    images, labels = all_batches(dm.train_dataloader())
+    assert images.shape == (n_train, 3, 32, 32)
+    shifts = []
+    for image, label in zip(to_uint8(images, *stats), labels, strict=True):
+        sources = torch.nonzero(targets == label).flatten()
+        hits = (centers[sources] == image[:, 12:20, 12:20].flatten()).all(-1).nonzero()
+        assert len(hits), "an augmented image is no crop/flip of a training image"
+        source, view = sources[hits[0, 0]], int(hits[0, 1])
+        assert view < len(SHIFTS), "a training image was mirrored"
+        assert torch.equal(image, crop_flip_view(padded[source], view))
+        shifts.append(view)
+    assert shifts.count(IDENTITY) < n_train // 4 and len(set(shifts)) > 10
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 def test_cifar100_train_batches_are_augmented_too(data_dir, loader):
     dm = make_dm("cifar100", data_dir, loader)
@@ -324,6 +382,7 @@ def test_mnist_reads_its_own_folder(tmp_path, no_system_dirs):
     ("cifar100", "cifar-100-python", "train, test, meta"),
     ("fashion_mnist", "FashionMNIST/raw", "train-images-idx3-ubyte"),
     ("mnist", "MNIST/raw", "t10k-labels-idx1-ubyte"),
+    ("svhn", "", "train_32x32.mat, test_32x32.mat"),
 ])
 def test_missing_data_without_download_names_what_goes_where(tmp_path, no_system_dirs, name,
                                                               folder, files):
@@ -363,10 +422,10 @@ def test_partial_cifar_is_reported_missing(tmp_path, allow_unverified_cifar):
 @pytest.mark.quick
 def test_unknown_dataset_lists_valid_ones():
     with pytest.raises(LTHError) as info:
-        LTHDataModule("svhn")
+        LTHDataModule("stl10")
     message = str(info.value)
-    assert "'svhn'" in message
-    for name in ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagenet"):
+    assert "'stl10'" in message
+    for name in ("cifar10", "cifar100", "fashion_mnist", "mnist", "imagenet", "svhn"):
         assert name in message
 
 

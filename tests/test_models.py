@@ -63,6 +63,17 @@ def test_resnet20_count_follows_width_and_classes():
         assert n_params(build_model("resnet20", w, classes, 3, 32)) == resnet20_count(w, classes)
 
 
+def test_resnet20x16_builds_with_the_count_by_hand():
+    """The published grid's widest net (widths {1, 4, 8, 16}): 256, 512 and 1024 channels,
+    74,360,074 parameters on 10 classes; it runs (on small images, to keep the test short)."""
+    net = build_model("resnet20", 16, 10, 3, 32).eval()
+    assert n_params(net) == resnet20_count(16, 10) == 74_360_074
+    assert sorted({m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)}) == [
+        256, 512, 1024]
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 8, 8)).shape == (1, 10)
+
+
 def test_vgg11x1_parameter_count_by_hand():
     # convs (3x3, with bias): 3->64, 64->128, 128->256, 256->256, 256->512, 512->512 x 3
     #   3*64*9+64 = 1,792            64*128*9+128 = 73,856       128*256*9+256 = 295,168

@@ -33,7 +33,8 @@ from lightning_lth.errors import LTHError
 
 
 class LTHDataModule(L.LightningDataModule):
-    """CIFAR-10/100, Fashion-MNIST and MNIST with the paper's augmentation; ImageNet (an
+    """CIFAR-10/100, SVHN, Fashion-MNIST and MNIST with the paper's augmentation (SVHN's as the
+    authors' code: crop, no flip); ImageNet (an
     ImageFolder, ``loader: torchvision`` only) with RandomResizedCrop + flip, Resize + CenterCrop.
 
     Validation uses the test split by default (the paper reports test accuracy);
@@ -110,8 +111,8 @@ class LTHDataModule(L.LightningDataModule):
                       if train and self.augment else
                       [transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)])
         elif train and self.augment:
-            steps += [transforms.RandomCrop(self.info.image_size, padding=4),
-                      transforms.RandomHorizontalFlip()]
+            steps += [transforms.RandomCrop(self.info.image_size, padding=4)]
+            steps += [transforms.RandomHorizontalFlip()] if self.info.flip else []
         steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
         return transforms.Compose(steps)
 
@@ -164,7 +165,8 @@ class LTHDataModule(L.LightningDataModule):
         images, labels = images_as_tensor(dataset)
         return DeviceLoader(images, labels, batch_size, self.mean, self.std, train=train,
                             augment=self.augment, seed=self.seed, device=torch.device(device),
-                            epoch_fn=epoch_fn, rank=rank, world_size=world_size)
+                            epoch_fn=epoch_fn, rank=rank, world_size=world_size,
+                            flip=self.info.flip)
 
     def _dataloader(self, split: str):
         trainer = self.trainer

@@ -17,6 +17,7 @@ from torchvision import datasets
 from lightning_lth.errors import LTHError
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,11 @@ class DatasetInfo:
     image_size: int
     stats: tuple  # (mean, std) of the dataset itself
     authors_stats: tuple  # what the authors' code normalises with
-    augment: bool  # RandomCrop(pad 4) + horizontal flip on the train split
+    augment: bool  # RandomCrop(pad 4) on the train split, + horizontal flip where ``flip``
     folder: str  # where torchvision looks below data_dir
     files: str  # what a user must put there
     system_dirs: tuple[str, ...] = ()
+    flip: bool = True  # SVHN: False, a mirrored digit is not that digit (a mirrored 3 is no 3)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -59,6 +61,11 @@ DATASETS: dict[str, DatasetInfo] = {
         "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
         "t10k-labels-idx1-ubyte (or the same with .gz)",
         ("/usr/share/datasets/mnist",)),
+    # The train-split mean/std commonly cited for SVHN, which the authors' released
+    # loaders.py also normalises with (not recomputed here); crop without flip, as there.
+    "svhn": DatasetInfo(
+        datasets.SVHN, 10, 3, 32, SVHN_STATS, SVHN_STATS, True, ".",
+        "train_32x32.mat, test_32x32.mat", flip=False),
 }
 NORMALIZATIONS = ("authors", "dataset")
 LOADERS = ("device", "torchvision")
@@ -120,15 +127,18 @@ def load_split(name: str, data_dir: str | Path, train: bool, download: bool,
                            f"put {info.files} in {root.resolve()}") from None
     if info.torchvision_class in (datasets.MNIST, datasets.FashionMNIST):
         _stage_idx_files(info, root)
+    # SVHN names its splits; the others take train=True/False
+    split = ({"split": "train" if train else "test"} if info.torchvision_class is datasets.SVHN
+             else {"train": train})
     try:
-        return info.torchvision_class(str(root), train=train, download=False, transform=transform)
+        return info.torchvision_class(str(root), **split, download=False, transform=transform)
     except RuntimeError:
         if not download:
             raise LTHError(f"dataset {name!r} not found under {root.resolve()}: put "
                            f"{info.files} in {root.resolve() / info.folder} (or set "
                            f"data.download=true)") from None
     try:
-        return info.torchvision_class(str(root), train=train, download=True, transform=transform)
+        return info.torchvision_class(str(root), **split, download=True, transform=transform)
     except Exception as exc:
         raise LTHError(f"dataset {name!r} not found under {root.resolve()} and the download "
                        f"failed ({type(exc).__name__}); put {info.files} in "
@@ -138,16 +148,19 @@ def load_split(name: str, data_dir: str | Path, train: bool, download: bool,
 def images_as_tensor(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 N x C x H x W images, int64 labels) of a torchvision dataset or a Subset of one.
 
-    Subsets may be nested; only the selected images are copied.
+    Subsets may be nested; only the selected images are copied. torchvision holds MNIST as
+    N x H x W, CIFAR as N x H x W x C, SVHN as N x C x H x W (labels in ``labels``).
     """
     indices = None
     while isinstance(dataset, Subset):
         outer = torch.as_tensor(dataset.indices, dtype=torch.long)
         indices = outer if indices is None else outer[indices]
         dataset = dataset.dataset
+    svhn = isinstance(dataset, datasets.SVHN)
     images = torch.as_tensor(dataset.data)
-    labels = torch.as_tensor(dataset.targets, dtype=torch.long)
+    labels = torch.as_tensor(dataset.labels if svhn else dataset.targets, dtype=torch.long)
     if indices is not None:
         images, labels = images[indices], labels[indices]
-    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    if not svhn:
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
     return images.contiguous(), labels

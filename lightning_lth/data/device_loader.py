@@ -41,14 +41,15 @@ class _Resumable:
 class DeviceLoader(_Resumable):
     """The whole split as one uint8 tensor on the device, augmented a batch at a time.
 
-    Random crop with zero padding + horizontal flip, batched without per-image Python work
-    and with the same distribution as torchvision's RandomCrop(padding) +
-    RandomHorizontalFlip(0.5): for augmented training the split is kept zero-padded, and
-    once more mirrored (``_pad_and_mirror``), so every output row of every crop -- flipped
-    or not -- is one contiguous run of W bytes of that store. A batch is then a single
-    ``index_select`` of those runs from an overlapping-window view of it (``_crop``),
-    followed by ToTensor + Normalize's affine map in place. Memory: (H+2p)(W+2p)/(HW) x 2
-    times the split's uint8 size (3.1x for CIFAR: 480 MB for its 50,000 training images).
+    Random crop with zero padding + horizontal flip (``flip=False``: the crop only, as for
+    SVHN), batched without per-image Python work and with the same distribution as
+    torchvision's RandomCrop(padding) + RandomHorizontalFlip(0.5): for augmented training the
+    split is kept zero-padded, and (when flipping) once more mirrored (``_pad_and_mirror``),
+    so every output row of every crop -- flipped or not -- is one contiguous run of W bytes
+    of that store. A batch is then a single ``index_select`` of those runs from an
+    overlapping-window view of it (``_crop``), followed by ToTensor + Normalize's affine map
+    in place. Memory: (H+2p)(W+2p)/(HW) x 2 times the split's uint8 size (3.1x for CIFAR:
+    480 MB for its 50,000 training images; without the flip, half).
 
     Each epoch draws, from a generator seeded by (seed, epoch), a permutation of the split
     and one (dy, dx, flip) per position of it, so a resumed run sees the same order and
@@ -61,7 +62,8 @@ class DeviceLoader(_Resumable):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  mean, std, train: bool, augment: bool, seed: int, device: torch.device,
-                 epoch_fn=lambda: 0, rank: int = 0, world_size: int = 1, padding: int = 4):
+                 epoch_fn=lambda: 0, rank: int = 0, world_size: int = 1, padding: int = 4,
+                 flip: bool = True):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise LTHError(f"DeviceLoader needs uint8 N x C x H x W images, got "
                            f"{images.dtype} of shape {tuple(images.shape)}")
@@ -73,7 +75,7 @@ class DeviceLoader(_Resumable):
         self.images = images.to(self.device).contiguous()
         self.labels = labels.to(self.device, torch.long)
         self.batch_size, self.train, self.augment = batch_size, train, augment and train
-        self.seed, self.epoch_fn, self.padding = seed, epoch_fn, padding
+        self.seed, self.epoch_fn, self.padding, self.flip = seed, epoch_fn, padding, flip
         self.rank, self.world_size = rank, world_size
         shape = (1, -1, 1, 1)
         mean = torch.tensor(mean, dtype=torch.float64).view(shape)
@@ -81,7 +83,8 @@ class DeviceLoader(_Resumable):
         # (x / 255 - mean) / std as one multiply-add: x * scale + shift
         self.scale = (1 / (255 * std)).float().to(self.device)
         self.shift = (-mean / std).float().to(self.device)
-        self._store = self._pad_and_mirror(self.images) if self.augment else None
+        self._store = (self._pad_and_mirror(self.images, mirror=flip) if self.augment
+                       else None)
 
     def __len__(self) -> int:
         count = len(self.labels)
@@ -90,13 +93,16 @@ class DeviceLoader(_Resumable):
         return -(-mine // self.batch_size)
 
     # -- augmentation ---------------------------------------------------------------------
-    def _pad_and_mirror(self, images: torch.Tensor) -> torch.Tensor:
-        """2N x C x (H+2p) x (W+2p): the zero-padded images, then the same mirrored."""
+    def _pad_and_mirror(self, images: torch.Tensor, mirror: bool = True) -> torch.Tensor:
+        """2N x C x (H+2p) x (W+2p): the zero-padded images, then the same mirrored (without
+        ``mirror``, for crops that are never flipped: the N padded images only)."""
         count, channels, height, width = images.shape
         pad = self.padding
-        store = images.new_zeros(2 * count, channels, height + 2 * pad, width + 2 * pad)
+        store = images.new_zeros((2 if mirror else 1) * count, channels, height + 2 * pad,
+                                 width + 2 * pad)
         store[:count, :, pad:pad + height, pad:pad + width] = images
-        store[count:, :, pad:pad + height, pad:pad + width] = images.flip(-1)
+        if mirror:
+            store[count:, :, pad:pad + height, pad:pad + width] = images.flip(-1)
         return store
 
     def _starts(self, index: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
@@ -155,7 +161,8 @@ class DeviceLoader(_Resumable):
         side = 2 * self.padding + 1
         dy = torch.randint(0, side, (count,), generator=generator)
         dx = torch.randint(0, side, (count,), generator=generator)
-        flip = torch.rand(count, generator=generator) < 0.5
+        flip = (torch.rand(count, generator=generator) < 0.5 if self.flip
+                else torch.zeros(count, dtype=torch.bool))
         starts = self._starts(order, dy, dx, flip, count, self.images.shape[1:])
         return order[mine], starts[mine]
 
