@@ -62,6 +62,9 @@ class Record:
     pi_correlation: dict | None = None  # group -> mean correlation of the units pi pairs
     pi_agreement: dict | None = None  # group -> fraction of units mapped as by the final pi
     # (same method, both nets at T); None where B did not reach T or no such match ran
+    # r of study.replicates: the arm's B_r and data order (docs/replicates.md); records from
+    # before replicates existed lack it: they are replicate 0
+    replicate: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
