@@ -290,8 +290,9 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
                            f"study.seed_b_offset={study.seed_b_offset}{replicates}) is not "
                            f"allowed: seeds must be in 0..{SEED_MAX}")
     if only.replicate is not None and not 0 <= only.replicate <= last:
+        allowed = f"0..{last}" if last else "0 only"
         raise LTHError(f"study.only.replicate={only.replicate} is not among the study's "
-                       f"replicates 0..{last} (study.replicates={study.replicates})")
+                       f"replicates ({allowed}: study.replicates={study.replicates})")
     if study.weights_b is not None and last:
         raise LTHError(f"study.weights_b is one trained B; study.replicates={study.replicates} "
                        f"trains a dense B of its own per replicate: leave one of them out")
