@@ -172,8 +172,8 @@ class Plan:
     def replicate(self, index: int) -> Replicate:
         return next(rep for rep in self.replicates if rep.index == index)
 
-    # The first replicate's (0 unless study.only.replicate names another): a study's own
-    # without replicates.
+    # The first planned replicate's (0, or study.only.replicate's): what a study without
+    # replicates has.
     @property
     def dense_b(self) -> DenseStage:
         return self.replicates[0].dense_b
