@@ -523,7 +523,8 @@ class ArmStage(Stage):
         return ("arm", self.seed, self.rewind_epoch, *more)
 
     def what(self) -> str:
-        return f"{self.arm.init}'s epoch-{self.rewind_epoch} weights, {self.arm.mask_what}"
+        init = f"B_{self.replicate}" if self.arm.init == "B" and self.replicate else self.arm.init
+        return f"{init}'s epoch-{self.rewind_epoch} weights, {self.arm.mask_what}"
 
     def wandb_config(self, ctx: StageContext) -> dict:
         hp = ctx.config["model"]
