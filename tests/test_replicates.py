@@ -22,6 +22,7 @@ from lightning_lth.experiment.runner import Runner
 from lightning_lth.grid.stage_graph import GridSpec, build_graph
 from lightning_lth.io import load_json, load_tensors
 from lightning_lth.parsing import make_cli
+from lightning_lth.report.load import load_records
 from lightning_lth.sparsity.mask import Mask
 
 
@@ -96,6 +97,8 @@ def test_replicates_train_and_record_and_one_replicate_runs_alone_first(tmp_path
                       "arm permuted S=0.5 k=1"]
     rows = {(row["method"], row["replicate"]): row for row in records(store)}
     assert sorted(rows) == [(arm, r) for arm in ("lth", "naive", "permuted") for r in (0, 1)]
+    kept, bad, notes = load_records(store / "results.jsonl")  # no replicate is a "rerun"
+    assert (len(kept), bad, notes) == (6, [], [])
     assert rows["lth", 0]["dense_acc_b"] != rows["lth", 1]["dense_acc_b"]  # B_0, B_1
     arm = store / "arm"
     lth = [arm / rows["lth", r]["key"] for r in (0, 1)]

@@ -17,7 +17,7 @@ from lightning_lth.report.aggregate import base_method
 
 # One sparse run is identified by these; a rerun appends a second line that replaces the first.
 _RUN_ID = ("config_hash", "model", "dataset", "width", "seed", "method", "sparsity",
-           "rewind_epoch")
+           "rewind_epoch", "replicate")
 
 
 def validate_record(rec) -> str | None:
@@ -30,6 +30,7 @@ def validate_record(rec) -> str | None:
 
 
 def _run_id(rec: dict) -> tuple:
+    rec = {"replicate": 0, **rec}  # a record from before replicates: replicate 0
     return tuple(round(rec[k], 6) if k == "sparsity" else rec[k] for k in _RUN_ID)
 
 
