@@ -79,6 +79,11 @@ def test_a_study_with_replicates_plans_one_a_and_a_b_per_replicate(tmp_path):
         "dense A", "dense B r1", "match r1", "arm lth S=0.5 k=1 r1", "arm naive S=0.5 k=1 r1",
         "arm permuted S=0.5 k=1 r1"]
     assert {s.key for s in only.stages} <= set(keys.values())
+    # early matching: each B_r trains only as far as pi_r reads it
+    early = runner(config, "--study.match.epochs=[1]", "--study.arms=[lth]").plan()
+    assert [rep.b_until for rep in early.replicates] == [1, 1]
+    assert {"dense B to epoch 1", "dense B to epoch 1 r1"} <= set(names(early.stages))
+    assert not {"dense B", "dense B r1"} & set(names(early.stages))
 
 
 def test_replicates_train_and_record_and_one_replicate_runs_alone_first(tmp_path):
