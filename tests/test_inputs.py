@@ -182,6 +182,12 @@ def test_a_prunable_set_that_is_empty_is_refused(study, capsys):
     ("study.seed_b_offset=-1", "dense B's seed -1 (seed_everything=0, study.seed_b_offset=-1) "
                                "is not allowed: seeds must be in 0..4294967295"),
     ("study.rewind_epochs=[0, 0]", "study.rewind_epochs lists an epoch twice: [0, 0]"),
+    ("study.replicates=0", "study.replicates=0 is not allowed: it must be replicates>0"),
+    ("study.only.replicate=1", "study.only.replicate=1 is not among the study's replicates "
+                               "(0 only: study.replicates=1)"),
+    ("study.replicates=300", "dense B r299's seed 5016388584 (seed_everything=0, "
+                             "study.seed_b_offset=1000, study.replicates=300) is not allowed: "
+                             "seeds must be in 0..4294967295"),
     ("model.arch_kwargs=[8]", "model.arch_kwargs=[8] is not allowed: expected dict or null"),
     ("trainer.devices=0",
      "`Trainer(devices='0')` value is not a valid input using cpu accelerator."),

@@ -138,6 +138,7 @@ EXPECTED: dict[str, Expect] = {
     "study.only.arm": exact(set(), value="lth"),
     "study.only.match_epoch": exact(set(), value=3),
     "study.only.match_method": exact(set(), value="activation"),
+    "study.only.replicate": exact(set(), value=0),
     "study.arms": exact(set(), value=["lth"]),
     "study.wandb_project": NOTHING,
     "study.wandb_mode": exact(set(), value="offline"),
@@ -146,6 +147,8 @@ EXPECTED: dict[str, Expect] = {
     "study.fuse": exact(set(), value=3),  # float-tolerance only; recorded (fused)
     "study.keep_outputs": exact(set(), value=False),  # which files a stage keeps
     "study.seed_b_offset": exact({"dense B", "match", "arm naive", "arm permuted"}, value=7),
+    # replicates r >= 1 add their own B, matches and arms; replicate 0's keep their keys
+    "study.replicates": plan_shaping(ALL, 3),
     "study.prune.epochs_per_round": exact({"imp"} | ARMS, value=2),
     "study.prune.lr": exact({"imp"} | ARMS, value=0.1),
     "study.prune.momentum": exact({"imp"} | ARMS, value=0.9),

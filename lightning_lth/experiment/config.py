@@ -74,6 +74,8 @@ class OnlyCells:
     """Only this entry of study.match.epochs; null: all."""
     match_method: str | None = None
     """Only this entry of study.match.methods; null: all."""
+    replicate: int | None = None
+    """Only this replicate r in 0..study.replicates-1 (its B_r, pi_r and arms); null: all."""
 
 
 @dataclass
@@ -102,6 +104,9 @@ class Study:
     """The arms trained at each (sparsity, k): lth, naive, permuted, or registered ones."""
     seed_b_offset: int = 1000
     """Dense B's seed = seed_everything + this (not 0: B would be A)."""
+    replicates: PositiveInt = 1
+    """R: one dense A, R dense B's. Replicate r trains every arm again: LTH under its own data
+    order, naive and permuted from B_r (docs/replicates.md); 1: the paper's study."""
     prune: PruneSettings = field(default_factory=PruneSettings)
     match: MatchSettings = field(default_factory=MatchSettings)
     sparse: SparseSettings = field(default_factory=SparseSettings)

@@ -56,6 +56,8 @@ EXCLUDED: dict[str, str] = {
     "study.sparsities": "shapes the plan; an IMP round is keyed by its own count and history",
     "study.rewind_epochs": "shapes the plan; a snapshot is keyed by its net and epoch",
     "study.seed_b_offset": "shapes the plan; dense B is keyed by its own seed",
+    "study.replicates": "shapes the plan; each B_r is keyed by its own seed, each arm of "
+                        "replicate r >= 1 by r (replicate 0's keys are the study's own)",
     "study.prune.chain": "shapes the plan; a round's history is in what it reads",
     "study.match.methods": "shapes the plan; each match stage is keyed by its own method, "
                            "as study.match.method (match_view)",

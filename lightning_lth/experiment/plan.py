@@ -11,11 +11,17 @@
                           needs a pi (``needs_match``: the permuted arm) once per match stage
                           (``permuted@b1``, ``permuted[weight]``)
 
+With ``study.replicates`` R > 1, replicate r = 1..R-1 adds its own dense B_r (seed:
+``b_seed``), its match stages from A to B_r and every arm again ("dense B r1", "match r1",
+"arm naive S=0.9 k=2 r1"); dense A and the IMP chain stay one. Replicate 0 is the study
+without replicates, stage for stage (docs/replicates.md).
+
 Every input is checked here, before any stage starts: a refused study leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -92,6 +98,23 @@ def resolve(config: dict) -> dict:
     return {**config, "model": model}
 
 
+# Dense B_r's seed for r >= 1 is r strides above B's (``b_seed``): distinct for every
+# (seed, r) of a grid whose seeds span less than a stride, and far above any A seed people
+# pick (docs/replicates.md).
+REPLICATE_SEED_STRIDE = 2**24
+
+
+def b_seed(seed: int, offset: int, replicate: int) -> int:
+    """Dense B_r's seed: r = 0 is the paper's B, ``seed_everything + study.seed_b_offset``."""
+    return seed + offset + replicate * REPLICATE_SEED_STRIDE
+
+
+def replicate_tag(replicate: int, sep: str = " r") -> str:
+    """How a stage of replicate r >= 1 is told apart in names (" r1") and labels ("-rep1");
+    replicate 0's are the names and labels of a study without replicates."""
+    return f"{sep}{replicate}" if replicate else ""
+
+
 def in_order(stages: list[Stage]) -> list[Stage]:
     """``stages`` and everything they read, each once, after the stages it reads."""
     ordered: dict[str, Stage] = {}
@@ -109,20 +132,63 @@ def in_order(stages: list[Stage]) -> list[Stage]:
 
 
 @dataclass
+class Replicate:
+    """Replicate r's own stages: dense B_r and the match stages from A to it (pi_r)."""
+
+    index: int  # r
+    dense_b: DenseStage
+    b_until: int  # the epoch B_r trains to: T, or the last one the study reads of it
+    matches: list[MatchStage]
+
+    @property
+    def b_epochs_saved(self) -> int:
+        """B_r's epochs this study does not train, against training it to T."""
+        return self.dense_b.epochs - self.b_until
+
+    @property
+    def final_match(self) -> MatchStage | None:
+        """Both nets at T by the first method: the paper's pi (records' barrier_* fields)."""
+        return next((m for m in self.matches if m.suffix == ""), None)
+
+
+@dataclass
 class Plan:
     dense_a: DenseStage
-    dense_b: DenseStage
     rounds: list[ImpRound]
     targets: dict[float, ImpRound]  # the round that lands on each target sparsity
-    matches: list[MatchStage]
-    b_until: int  # the epoch dense B trains to: T, or the last one the study reads of it
+    replicates: list[Replicate]  # those the study runs: all, or study.only.replicate's
     arms: list[ArmStage] = field(default_factory=list)
 
     @property
     def stages(self) -> list[Stage]:
         """Every stage once, each after the stages it reads (a truncated B: through them)."""
-        full_b = [self.dense_b] if self.b_until == self.dense_b.epochs else []
-        return in_order([self.dense_a, *full_b, *self.rounds, *self.matches, *self.arms])
+        full_bs = [rep.dense_b for rep in self.replicates if rep.b_epochs_saved == 0]
+        return in_order([self.dense_a, *full_bs, *self.rounds, *self.matches, *self.arms])
+
+    @property
+    def matches(self) -> list[MatchStage]:
+        return [matching for rep in self.replicates for matching in rep.matches]
+
+    def replicate(self, index: int) -> Replicate:
+        return next(rep for rep in self.replicates if rep.index == index)
+
+    # The first planned replicate's (0, or study.only.replicate's): what a study without
+    # replicates has.
+    @property
+    def dense_b(self) -> DenseStage:
+        return self.replicates[0].dense_b
+
+    @property
+    def b_until(self) -> int:
+        return self.replicates[0].b_until
+
+    @property
+    def b_epochs_saved(self) -> int:
+        return self.replicates[0].b_epochs_saved
+
+    @property
+    def final_match(self) -> MatchStage | None:
+        return self.replicates[0].final_match
 
     @property
     def epochs(self) -> int:
@@ -130,7 +196,7 @@ class Plan:
 
     def arm_groups(self, size: int) -> list[ArmGroup]:
         """The arms in groups that can train fused (one data order, one schedule: every arm
-        of one k), in plan order, each of at most ``size`` (1: every arm alone)."""
+        of one k and replicate), in plan order, each of at most ``size`` (1: every arm alone)."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise LTHError(f"study.fuse must be an integer >= 1 (1: arms alone), got {size!r}")
         by_order: dict[tuple, list[ArmStage]] = {}
@@ -138,16 +204,6 @@ class Plan:
             by_order.setdefault(fusable(arm), []).append(arm)
         return [ArmGroup(tuple(arms[start:start + size])) for arms in by_order.values()
                 for start in range(0, len(arms), size)]
-
-    @property
-    def b_epochs_saved(self) -> int:
-        """Dense B's epochs this study does not train, against training B to T."""
-        return self.dense_b.epochs - self.b_until
-
-    @property
-    def final_match(self) -> MatchStage | None:
-        """Both nets at T by the first method: the paper's pi (records' barrier_* fields)."""
-        return next((m for m in self.matches if m.suffix == ""), None)
 
 
 def match_pairs(entries: list | None, epochs: int) -> list[tuple[int, int]]:
@@ -223,11 +279,23 @@ def _check_study(config: dict, study: Study, epochs: int) -> None:
                            f"epoch of {role} before T={epochs} needs the study's own dense "
                            f"{role} (study.match.epochs {study.match.epochs})")
     wandb_mode(study.wandb_mode)
-    for role, net_seed in (("A", seed), ("B", seed + study.seed_b_offset)):
+    last = study.replicates - 1
+    nets = [("A", seed), ("B", b_seed(seed, study.seed_b_offset, 0))]
+    if last:  # B_r's seeds grow with r: the last one is the largest
+        nets.append((f"B r{last}", b_seed(seed, study.seed_b_offset, last)))
+    for role, net_seed in nets:
         if not 0 <= net_seed <= SEED_MAX:
+            replicates = f", study.replicates={study.replicates}" if last else ""
             raise LTHError(f"dense {role}'s seed {net_seed} (seed_everything={seed}, "
-                           f"study.seed_b_offset={study.seed_b_offset}) is not allowed: seeds "
-                           f"must be in 0..{SEED_MAX}")
+                           f"study.seed_b_offset={study.seed_b_offset}{replicates}) is not "
+                           f"allowed: seeds must be in 0..{SEED_MAX}")
+    if only.replicate is not None and not 0 <= only.replicate <= last:
+        allowed = f"0..{last}" if last else "0 only"
+        raise LTHError(f"study.only.replicate={only.replicate} is not among the study's "
+                       f"replicates ({allowed}: study.replicates={study.replicates})")
+    if study.weights_b is not None and last:
+        raise LTHError(f"study.weights_b is one trained B; study.replicates={study.replicates} "
+                       f"trains a dense B of its own per replicate: leave one of them out")
     if not str(study.store).strip():
         raise LTHError("study.store is empty; give the stage store's folder (default: store)")
     store = Path(study.store)
@@ -318,33 +386,31 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
     uses_b = any(ARMS[name].init == "B" for name in study.arms)
     reads = {"A": {i for i, _ in pairs} | set(study.rewind_epochs),
              "B": {j for _, j in pairs} | (set(study.rewind_epochs) if uses_b else set())}
-    dense = {role: keyed(DenseStage(
-        name=f"dense {role}", label=f"{label}-seed{net_seed}", role=role, seed=net_seed,
-        epochs=epochs, save_epochs=tuple(sorted(e for e in reads[role] if e < epochs))))
-        for role, net_seed in (("A", seed), ("B", seed + study.seed_b_offset))}
-    # B trains only as far as the study reads it, unless the store has it trained to T.
-    b_until = max(reads["B"]) if saved_epochs(dense["B"].key) is None else epochs
-    truncated_b = None if b_until == epochs else keyed(SnapshotStage(
-        name=f"dense B to epoch {b_until}", label=f"{dense['B'].label}-to{b_until}",
-        dense=dense["B"], epoch=b_until, epochs=b_until, save_epochs=dense["B"].save_epochs,
-        continuable=True))
-    explicit = {"A": study.weights_a, "B": study.weights_b}
 
-    def snapshot(role: str, k: int) -> WeightsRef:
-        """Dense ``role``'s weights after k epochs (k = T: its final weights)."""
-        if explicit[role]:
-            return _file_ref(explicit[role])
-        if role == "B" and truncated_b is not None:
-            return truncated_b.weights(k)
-        net = dense[role]
+    def dense(role: str, net_seed: int, replicate: int = 0) -> DenseStage:
+        return keyed(DenseStage(
+            name=f"dense {role}{replicate_tag(replicate)}", label=f"{label}-seed{net_seed}",
+            role=role, seed=net_seed, epochs=epochs,
+            save_epochs=tuple(sorted(e for e in reads[role] if e < epochs))))
+
+    def snapshot(net: DenseStage, k: int, given: str | None = None,
+                 truncated: SnapshotStage | None = None, replicate: int = 0) -> WeightsRef:
+        """``net``'s weights after k epochs (k = T: its final weights): the user's file
+        ``given``, or a truncated run's snapshot, or the dense stage's, or a snapshot stage."""
+        if given:
+            return _file_ref(given)
+        if truncated is not None:
+            return truncated.weights(k)
         if k == epochs:
             return net.weights(None)
         saved = saved_epochs(net.key)
         if saved is None or k in saved:
             return net.weights(k)
-        return keyed(SnapshotStage(name=f"snapshot {role} k={k}", label=f"{net.label}-k{k}",
-                                   dense=net, epoch=k, epochs=k)).weights()
+        return keyed(SnapshotStage(name=f"snapshot {net.role} k={k}{replicate_tag(replicate)}",
+                                   label=f"{net.label}-k{k}", dense=net, epoch=k,
+                                   epochs=k)).weights()
 
+    dense_a = dense("A", seed)
     prunable = prunable_count(model, study.prune)
     schedule = imp.imp_schedule(prunable, study.sparsities, study.prune.fraction,
                                 study.prune.chain)
@@ -356,7 +422,8 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
         stage = keyed(ImpRound(
             name=f"imp round {rnd.step} S={rnd.zeros / prunable:.4f}",
             label=f"{label}-seed{seed}-r{rnd.step}", seed=seed, step=rnd.step, zeros=rnd.zeros,
-            prunable=prunable, previous=previous, dense=snapshot("A", epochs),
+            prunable=prunable, previous=previous,
+            dense=snapshot(dense_a, epochs, study.weights_a),
             epochs=study.prune.epochs_per_round if rnd.step > 0 else 0))
         rounds.append(stage)
         last_in_chain[rnd.chain] = stage
@@ -364,42 +431,63 @@ def build_plan(config: dict, saved_epochs: Callable[[str], list[int] | None],
             targets[rnd.target] = stage
 
     mask = _file_ref(study.mask) if study.mask else None
-    matches = []
-    for pair in pairs:
-        for method in study.match.methods:
-            suffix = match_suffix(method, pair, epochs)
-            matches.append(keyed(MatchStage(
-                name=f"match{suffix}", label=f"{label}-seed{seed}{suffix}",
-                a=snapshot("A", pair[0]), b=snapshot("B", pair[1]), mask=mask, method=method,
-                a_epoch=pair[0], b_epoch=pair[1], suffix=suffix), keys.match_view(config, method)))
-    plan = Plan(dense["A"], dense["B"], rounds, targets, matches, b_until)
+    replicates: list[Replicate] = []
+    b_snapshots: dict[int, Callable[[int], WeightsRef]] = {}  # r -> B_r after k epochs
+    only = study.only
+    for r in range(study.replicates):
+        if only.replicate is not None and r != only.replicate:
+            continue
+        net_b = dense("B", b_seed(seed, study.seed_b_offset, r), r)
+        # B_r trains only as far as the study reads it, unless the store has it trained to T.
+        b_until = max(reads["B"]) if saved_epochs(net_b.key) is None else epochs
+        truncated = None if b_until == epochs else keyed(SnapshotStage(
+            name=f"dense B to epoch {b_until}{replicate_tag(r)}",
+            label=f"{net_b.label}-to{b_until}", dense=net_b, epoch=b_until, epochs=b_until,
+            save_epochs=net_b.save_epochs, continuable=True))
+        b_snapshots[r] = functools.partial(snapshot, net_b, given=study.weights_b,
+                                           truncated=truncated, replicate=r)
+        matches = []
+        for pair in pairs:
+            for method in study.match.methods:
+                suffix = match_suffix(method, pair, epochs)
+                matches.append(keyed(MatchStage(
+                    name=f"match{suffix}{replicate_tag(r)}",
+                    label=f"{label}-seed{seed}{suffix}{replicate_tag(r, '-rep')}",
+                    a=snapshot(dense_a, pair[0], study.weights_a), b=b_snapshots[r](pair[1]),
+                    mask=mask, method=method, a_epoch=pair[0], b_epoch=pair[1],
+                    suffix=suffix), keys.match_view(config, method)))
+        replicates.append(Replicate(r, net_b, b_until, matches))
+    plan = Plan(dense_a, rounds, targets, replicates)
     if not with_arms:
         return plan
     if study.weights_a or study.weights_b:
         raise LTHError("study.weights_a / study.weights_b are inputs of `prune` and `match`; "
                        "`experiment` trains its own dense nets, with their rewind snapshots")
 
-    only = study.only
-    chosen = [m for m in matches
-              if (only.match_method is None or m.method == only.match_method)
-              and (only.match_epoch is None
-                   or (m.a_epoch, m.b_epoch) == match_pairs([only.match_epoch], epochs)[0])]
-    for sparsity in study.sparsities:
-        if only.sparsity is not None and not math.isclose(sparsity, only.sparsity):
-            continue
-        for k in study.rewind_epochs:
-            if only.rewind_epoch is not None and k != only.rewind_epoch:
+    for rep in replicates:
+        r = rep.index
+        chosen = [m for m in rep.matches
+                  if (only.match_method is None or m.method == only.match_method)
+                  and (only.match_epoch is None
+                       or (m.a_epoch, m.b_epoch) == match_pairs([only.match_epoch], epochs)[0])]
+        for sparsity in study.sparsities:
+            if only.sparsity is not None and not math.isclose(sparsity, only.sparsity):
                 continue
-            for name in study.arms:
-                if only.arm is not None and name != only.arm:
+            for k in study.rewind_epochs:
+                if only.rewind_epoch is not None and k != only.rewind_epoch:
                     continue
-                arm = ARMS[name]
-                for matching in chosen if arm.needs_match else [None]:
-                    shown = name + (matching.suffix if matching else "")
-                    plan.arms.append(keyed(ArmStage(
-                        name=f"arm {shown} S={sparsity} k={k}",
-                        label=f"{label}-seed{seed}-{shown}-s{sparsity}-k{k}", arm=arm,
-                        seed=seed, sparsity=sparsity, rewind_epoch=k,
-                        init=snapshot(arm.init, k), round=targets[sparsity],
-                        matching=matching, epochs=epochs - k)))
+                for name in study.arms:
+                    if only.arm is not None and name != only.arm:
+                        continue
+                    arm = ARMS[name]
+                    init = snapshot(dense_a, k) if arm.init == "A" else b_snapshots[r](k)
+                    for matching in chosen if arm.needs_match else [None]:
+                        shown = name + (matching.suffix if matching else "")
+                        plan.arms.append(keyed(ArmStage(
+                            name=f"arm {shown} S={sparsity} k={k}{replicate_tag(r)}",
+                            label=f"{label}-seed{seed}-{shown}-s{sparsity}-k{k}"
+                                  f"{replicate_tag(r, '-rep')}",
+                            arm=arm, seed=seed, sparsity=sparsity, rewind_epoch=k, init=init,
+                            round=targets[sparsity], matching=matching, epochs=epochs - k,
+                            replicate=r)))
     return plan

@@ -68,6 +68,9 @@ class Record:
     # The keys of the stages the arm read (ArmStage.stage_keys: dense_a, imp, dense_b where
     # it trained from a B): their folders <store>/<kind>/<key>/ hold their test outputs
     stages: dict[str, str] | None = None
+    # r of study.replicates: the arm's B_r and data order (docs/replicates.md); records from
+    # before replicates existed lack it: they are replicate 0
+    replicate: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,14 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning_lth.distributed import DistContext
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment import keys
-from lightning_lth.experiment.plan import Plan, build_plan, in_order, resolve, study_settings
+from lightning_lth.experiment.plan import (
+    Plan,
+    Replicate,
+    build_plan,
+    in_order,
+    resolve,
+    study_settings,
+)
 from lightning_lth.experiment.progress import EpochClock, StudyProgress, plan_table, watch
 from lightning_lth.experiment.results import RESULTS_FILE, Record, append_record
 from lightning_lth.experiment.stages import (
@@ -290,14 +297,15 @@ class Runner:
         Only reads finished stages (``experiment`` runs every stage of the plan before its
         arms): rank 0 calls it alone, so it must not start one."""
         plan = self._plan
+        replicate = plan.replicate(arm.replicate)  # its B_r and pi_r
         model = self.config["model"]
-        final = plan.final_match
+        final = replicate.final_match
         curves = self._curves(final)
         repair = (curves or {}).get("curves", {}).get("repair")  # None: REPAIR not computed
-        reached = {"a": True, "b": plan.b_until == self.epochs}
+        reached = {"a": True, "b": replicate.b_epochs_saved == 0}
         dense = {role: load_json(self.store.path(stage) / DenseStage.METRICS)["test_acc"]
                  if reached[role] else None
-                 for role, stage in (("a", plan.dense_a), ("b", plan.dense_b))}
+                 for role, stage in (("a", plan.dense_a), ("b", replicate.dense_b))}
         pruned = load_json(self.store.path(arm.round) / ImpRound.METRICS)["test_acc"]
         shown = final or arm.matching
         return Record(
@@ -312,12 +320,12 @@ class Runner:
             if shown else None,
             wall_time_s=result["wall_time_s"], key=arm.key,
             config_hash=keys.config_hash(self.config), num_threads=result["num_threads"],
-            device=result["device"], fused=result.get("fused", 1),
+            device=result["device"], fused=result.get("fused", 1), replicate=arm.replicate,
             finished_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             **({f"barrier_{kind}_{when}_repair": repair[side][f"{kind}_barrier"]
                 for kind in ("loss", "error")
                 for when, side in (("before", "naive"), ("after", "matched"))} if repair else {}),
-            **(self._match_fields(arm.matching, plan) if arm.matching else {}))
+            **(self._match_fields(arm.matching, replicate) if arm.matching else {}))
 
     def _curves(self, matching: MatchStage | None) -> dict | None:
         return load_json(self.store.path(matching) / MatchStage.CONNECTIVITY) if matching else None
@@ -329,14 +337,14 @@ class Runner:
                 for metric in ("loss", "error")
                 for when, side in (("before", "naive"), ("after", "matched"))}
 
-    def _match_fields(self, matching: MatchStage, plan: Plan) -> dict:
+    def _match_fields(self, matching: MatchStage, replicate: Replicate) -> dict:
         """A permuted arm's own pi: where it was found, how good it is, and the nets there."""
         folder = self.store.path(matching)
         quality = load_json(folder / MatchStage.QUALITY)
-        final = next((m for m in plan.matches if m.method == matching.method
+        final = next((m for m in replicate.matches if m.method == matching.method
                       and (m.a_epoch, m.b_epoch) == (self.epochs, self.epochs)), None)
         agreement = None
-        if final is not None and plan.b_until == self.epochs:
+        if final is not None and replicate.b_epochs_saved == 0:
             agreement = perm_agreement(load_perm(folder / MatchStage.PERM),
                                        load_perm(self.store.path(final) / MatchStage.PERM))
         return {"match_method": matching.method, "match_epoch_a": matching.a_epoch,
@@ -348,8 +356,9 @@ class Runner:
     def experiment(self) -> list[Record]:
         started = time.time()
         plan = self.plan()
-        if plan.final_match:  # every arm's record reads it, a fused member's at once (its run)
-            self.run(plan.final_match)
+        for replicate in plan.replicates:  # each arm's record reads its replicate's paper
+            if replicate.final_match:  # match, a fused member's at once (for its W&B run)
+                self.run(replicate.final_match)
         for group in plan.arm_groups(self.fuse_size()):
             if len(group.members) > 1:
                 self.run_group(group)
@@ -401,7 +410,8 @@ class Runner:
                    **dict(zip(("action", "why"), self.store.action(s, status(s)), strict=True))}
                   for s in plan.stages]
         cells = [{"arm": a.shown, "sparsity": a.sparsity, "rewind_epoch": a.rewind_epoch,
-                  "key": a.key, "status": status(a), "epochs": a.epochs}
+                  "replicate": a.replicate, "key": a.key, "status": status(a),
+                  "epochs": a.epochs}
                  for a in plan.arms]
         return {"stages": stages, "cells": cells, "epochs": plan.epochs,
                 "b_until": plan.b_until, "b_epochs_saved": plan.b_epochs_saved}
@@ -438,9 +448,11 @@ def run_command(command: str, cli, as_json: bool = False) -> int:
                 if corrupt:
                     print(f"corrupt: {', '.join(corrupt)} failed their checksums; `experiment` "
                           f"moves them aside and computes them again")
-                if plan.b_epochs_saved:
-                    print(f"dense B trains to epoch {plan.b_until} of {runner.epochs} "
-                          f"(study.match.epochs): {plan.b_epochs_saved} epochs saved")
+                for replicate in plan.replicates:
+                    if replicate.b_epochs_saved:
+                        print(f"{replicate.dense_b.name} trains to epoch {replicate.b_until} "
+                              f"of {runner.epochs} (study.match.epochs): "
+                              f"{replicate.b_epochs_saved} epochs saved")
         return 0
     if command == "experiment":
         stages = runner.plan().stages

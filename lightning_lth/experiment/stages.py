@@ -14,9 +14,10 @@ attributes, which every reader uses), its line in the plan's table (``what``) an
 the report and the function that makes its mask, so an arm is one entry and one function.
 
 Data order: each training stage draws its batches from its own identity (``order``): dense
-nets from their seed, an IMP round from (seed, round, pruned count), an arm from (seed, k).
-All arms that rewind to the same k therefore share one data order (a paired comparison,
-distinct from dense A's and B's).
+nets from their seed, an IMP round from (seed, round, pruned count), an arm from (seed, k),
+and an arm of replicate r >= 1 from (seed, k, r). All arms of one replicate that rewind to
+the same k therefore share one data order (a paired comparison, distinct from dense A's and
+B's), and each replicate's LTH arm, from the same snapshot with the same mask, sees another.
 
 Kept test outputs: a dense net at T, an arm and the IMP round at each of the study's target
 sparsities write ``OUTPUTS`` (``training/outputs.py``: each test image's softmax
@@ -519,12 +520,15 @@ class ArmStage(Stage):
     init: WeightsRef
     round: ImpRound  # the IMP round that landed on ``sparsity``: its mask
     matching: MatchStage | None  # pi, for an arm that needs a match stage
+    replicate: int = 0  # r: its B_r (arms from B) and its data order; 0: the paper's arm
 
     def identity(self) -> dict:
+        # r = 0 is in no identity: the keys of a study without replicates
         return {"arm": self.arm.name, "seed": self.seed, "sparsity": self.sparsity,
                 "rewind_epoch": self.rewind_epoch, "init": self.init.ident,
                 "mask": self.round.key,
-                "matching": self.matching.key if self.matching else None}
+                "matching": self.matching.key if self.matching else None,
+                **({"replicate": self.replicate} if self.replicate else {})}
 
     def reads(self):
         return tuple(s for s in (self.init.stage, self.round, self.matching) if s)
@@ -553,16 +557,19 @@ class ArmStage(Stage):
         return self.arm.name + (self.matching.suffix if self.matching else "")
 
     def order(self) -> tuple:
-        return ("arm", self.seed, self.rewind_epoch)
+        more = (self.replicate,) if self.replicate else ()
+        return ("arm", self.seed, self.rewind_epoch, *more)
 
     def what(self) -> str:
-        return f"{self.arm.init}'s epoch-{self.rewind_epoch} weights, {self.arm.mask_what}"
+        init = f"B_{self.replicate}" if self.arm.init == "B" and self.replicate else self.arm.init
+        return f"{init}'s epoch-{self.rewind_epoch} weights, {self.arm.mask_what}"
 
     def wandb_config(self, ctx: StageContext) -> dict:
         hp = ctx.config["model"]
         return {"method": self.shown, "sparsity": self.sparsity,
                 "rewind_epoch": self.rewind_epoch, "seed": self.seed, "width": hp["width"],
-                "model": hp["arch"], "dataset": ctx.config["data"]["dataset"]}
+                "model": hp["arch"], "dataset": ctx.config["data"]["dataset"],
+                "replicate": self.replicate}
 
     def member(self, ctx: StageContext) -> LTHModule:
         """The module this arm trains: its rewind snapshot, its arm's mask."""
@@ -631,7 +638,9 @@ class ArmGroup:
 
     @property
     def name(self) -> str:
-        return f"fused {len(self.members)} arms k={self.members[0].rewind_epoch}"
+        first = self.members[0]
+        return (f"fused {len(self.members)} arms k={first.rewind_epoch}"
+                + (f" r{first.replicate}" if first.replicate else ""))
 
     def compute(self, ctx: StageContext, works: dict[str, Path], group_work: Path, resume: str | None):
         """Train every member at once; write each member's outputs into ``works[key]``."""

@@ -5,12 +5,13 @@ values to vary. Each cell is one ``experiment`` run; its plan (``build_plan``) l
 stages under keys that identical stages of other cells share, so the union of the cells'
 plans is the grid's graph. Cells that differ only in ``study.only.*`` (which only selects
 arms, and is in no key) share one parsed config and one plan: a 972-cell grid parses 9
-configs, not 972.
+configs, not 972. A cell's shared stages are dense A and the IMP chain, and dense B_r
+with its matching for each replicate r the cell selects (``study.only.replicate``: one;
+else all): dense A and the chain are one node for every replicate's cells.
 
-Besides what each stage reads, every stage past the shared ones (dense A and B, the IMP
-chain, the matching) waits for the matching, as in ``experiment``, which runs all of them
-before any arm: an arm's record reads both dense nets and the matching
-(``Runner.record``).
+Besides what each stage reads, every stage past the shared ones waits for its replicate's
+matching, as in ``experiment``, which runs all of them before any arm: an arm's record reads
+both dense nets and the matching of its replicate (``Runner.record``).
 
 A node is one *schedulable unit*: one job runs its stages in order. ``units`` makes one unit
 per stage, except a fused arm group (``study.fuse`` > 1, or the device's default: see
@@ -32,11 +33,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lightning_lth.errors import LTHError
-from lightning_lth.experiment.plan import in_order, match_pairs
+from lightning_lth.experiment.plan import Plan, Replicate, in_order, match_pairs
 from lightning_lth.experiment.stages import ArmGroup, ArmStage, Stage
 from lightning_lth.io import load_yaml
 
 ONLY = "study.only."
+ONLY_FIELDS = ("sparsity", "rewind_epoch", "arm", "match_epoch", "match_method", "replicate")
 COMMAND = "experiment"
 FUSED = "fused"  # the kind of a fused arm group's unit
 
@@ -155,19 +157,28 @@ def units(stages: Sequence[Stage], groups: Sequence[ArmGroup] = ()) -> list[tupl
 def selects(arm: ArmStage, params: dict) -> bool:
     """Whether a cell's ``study.only.*`` values select this arm (as ``build_plan`` does)."""
     only = {name[len(ONLY):]: value for name, value in params.items() if name.startswith(ONLY)}
-    unknown = set(only) - {"sparsity", "rewind_epoch", "arm", "match_epoch", "match_method"}
+    unknown = set(only) - set(ONLY_FIELDS)
     if unknown:
         raise LTHError(f"unknown grid parameter(s) {', '.join(ONLY + n for n in unknown)}; "
-                       f"valid: {ONLY}sparsity, {ONLY}rewind_epoch, {ONLY}arm, "
-                       f"{ONLY}match_epoch, {ONLY}match_method")
+                       f"valid: {', '.join(ONLY + n for n in ONLY_FIELDS)}")
     matching, epochs = arm.matching, arm.rewind_epoch + arm.epochs
     return ((only.get("sparsity") is None or math.isclose(arm.sparsity, only["sparsity"]))
+            and only.get("replicate") in (None, arm.replicate)
             and (only.get("rewind_epoch") is None or arm.rewind_epoch == only["rewind_epoch"])
             and (only.get("arm") is None or arm.arm.name == only["arm"])
             and (matching is None or only.get("match_method") in (None, matching.method))
             and (matching is None or only.get("match_epoch") is None
                  or match_pairs([only["match_epoch"]], epochs)[0]
                  == (matching.a_epoch, matching.b_epoch)))
+
+
+def cell_shared(plan: Plan, replicates: Sequence[Replicate]) -> list[Stage]:
+    """The stages a cell runs before its arms: dense A, the IMP chain, and for each of
+    ``replicates`` its B (when trained to T; else its matches read the truncated run) and
+    its matching."""
+    full_bs = [rep.dense_b for rep in replicates if rep.b_epochs_saved == 0]
+    return [plan.dense_a, *full_bs, *plan.rounds,
+            *(matching for rep in replicates for matching in rep.matches)]
 
 
 def build_graph(spec: GridSpec) -> GridGraph:
@@ -193,17 +204,18 @@ def build_graph(spec: GridSpec) -> GridGraph:
         runners.append(runner)
         stores.add(runner.store.root.resolve())
         model = runner.config["model"]
-        full_b = [plan.dense_b] if plan.b_epochs_saved == 0 else []  # else read by matches
-        shared_stages = [plan.dense_a, *full_b, *plan.rounds, *plan.matches]
         walks = []
         for params in members:
+            wanted = params.get(ONLY + "replicate")
+            shared_stages = cell_shared(plan, [rep for rep in plan.replicates
+                                               if wanted in (None, rep.index)])
             arms = [arm for arm in plan.arms if selects(arm, params)]
             if plan.arms and not arms:  # (a study without arms is a sweep's phase 1)
                 raise LTHError(f"grid cell {params} selects no arm of its study "
                                f"(sparsities {runner.study.sparsities}, rewind epochs "
                                f"{runner.study.rewind_epochs}, arms {runner.study.arms})")
             walks.append((params, in_order([*shared_stages, *arms])))  # as `experiment` does
-        shared_keys = {stage.key for stage in in_order(shared_stages)}
+        shared_keys = {stage.key for stage in in_order(cell_shared(plan, plan.replicates))}
         selected = {stage.key for _, walk in walks for stage in walk}
         chosen = replace(plan, arms=[arm for arm in plan.arms if arm.key in selected])
         groups = [group for group in chosen.arm_groups(runner.fuse_size())
@@ -218,8 +230,13 @@ def build_graph(spec: GridSpec) -> GridGraph:
             inside = {stage.key for stage in unit}
             needs = {unit_of[read.key] for stage in unit for read in stage.reads()
                      if read.key not in inside}
-            if not inside & shared_keys and plan.final_match:  # see the module docstring
-                needs.add(unit_of[plan.final_match.key])
+            if not inside & shared_keys:  # see the module docstring
+                first = unit[0]  # an arm (a group: of one replicate), or a snapshot stage
+                owner = plan.replicate(first.replicate) if isinstance(first, ArmStage) \
+                    else plan.replicates[0]
+                final = owner.final_match
+                if final is not None and final.key in unit_of:
+                    needs.add(unit_of[final.key])
             nodes[head.key] = Node(
                 key=head.key, stages=tuple(s.key for s in unit),
                 kind=FUSED if len(unit) > 1 else head.kind,
