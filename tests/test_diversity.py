@@ -141,9 +141,9 @@ def write_store(tmp_path):
                         barrier_error_before=0.3, barrier_error_after=0.1, connectivity=None,
                         wall_time_s=1.0, key=key, config_hash="c0ffee", num_threads=1,
                         device="cpu", finished_at="2026-01-01T00:00:00Z").to_dict()
-                    rec |= {"replicate": r, "stages": {
-                        "dense_a": dense_a, "imp": imp,
-                        "dense_b": None if method == "lth" else f"denseB-{seed}-{r}"}}
+                    # as ArmStage.stage_keys: LTH reads no B
+                    rec |= {"replicate": r, "stages": {"dense_a": dense_a, "imp": imp} | (
+                        {} if method == "lth" else {"dense_b": f"denseB-{seed}-{r}"})}
                     lines.append(json.dumps(rec))
     (store / RESULTS_FILE).write_text("\n".join(lines) + "\n")
     return store

@@ -369,7 +369,8 @@ def markdown_tables(md: str) -> list[list[list[str]]]:
 
 
 FIGURES = {"accuracy vs k", "accuracy vs sparsity", "accuracy over each arm's epochs",
-           "interpolation before and after matching", "study cost per stage kind"}
+           "interpolation before and after matching", "study cost per stage kind",
+           "ensemble accuracy vs its number of members"}
 
 
 @pytest.fixture(scope="module")
@@ -388,10 +389,16 @@ def dashboard(tmp_path_factory):
 
 def test_dashboard_holds_every_table_and_figure(dashboard):
     out, md, page = dashboard
-    assert len(page.tables) == 4  # accuracy (one group), its pi, barriers, study cost
+    # accuracy (one group), its pi, barriers, study cost; the diversity table per (S, k)
     for table in page.tables:
         assert len(table) > 1 and all(cell for row in table[1:] for cell in row[1:])
-    accuracy, matching, barriers, cost = page.tables
+    diversity = [table for table in page.tables if table[0][0] == "Row"]
+    accuracy, matching, barriers, cost = [t for t in page.tables if t[0][0] != "Row"]
+    assert len(diversity) == 2 * 2
+    for table in diversity:  # one seed, one replicate: groups of one, no pairs
+        assert [row[0] for row in table[1:]] == ["dense", "IMP", "LTH", "naive", "permuted"]
+        assert {row[-2] for row in table[1:]} == {"1"}  # models per group
+        assert {cell for row in table[1:] for cell in row[3:6]} == {"–"}  # pairwise: undefined
     assert [row[:4] for row in matching[1:]] == [["permuted", "activation", "3", "3"]]
     assert matching[0][6:8] == ["agreement layer0", "agreement layer1"]
     assert matching[1][6:8] == ["1.000", "1.000"]  # the final pi agrees with itself
