@@ -8,6 +8,7 @@ reuses what replicate 1 computed.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from lightning_lth.experiment.runner import Runner
 from lightning_lth.grid.stage_graph import GridSpec, build_graph
 from lightning_lth.io import load_json, load_tensors
 from lightning_lth.parsing import make_cli
+from lightning_lth.report.diversity import diversity
 from lightning_lth.report.load import load_records
 from lightning_lth.sparsity.mask import Mask
 
@@ -115,6 +117,23 @@ def test_replicates_train_and_record_and_one_replicate_runs_alone_first(tmp_path
     orders = {r: load_json(arm / rows["lth", r]["key"] / "result.json")["order_seed"]
               for r in (0, 1)}
     assert orders[0] != orders[1]
+
+    # the report's diversity table from the stored outputs: each arm's two replicates, the
+    # two dense B_r, one IMP solution (one seed)
+    assert main(["report", "--config", str(config)]) == 0
+    with open(store / "report" / "diversity.csv", newline="") as handle:
+        table = {row["row"]: row for row in csv.DictReader(handle)}
+    assert {row: int(table[row]["models"]) for row in table} == {
+        "dense": 2, "imp": 1, "lth": 2, "naive": 2, "permuted": 2}
+    for method in ("lth", "naive", "permuted"):
+        outputs = [load_tensors(arm / rows[method, r]["key"] / "test_outputs.pt") for r in (0, 1)]
+        expected = diversity([o["probs"] for o in outputs], [o["targets"] for o in outputs])
+        assert [float(table[method][name]) for name in ("ensemble_acc", "disagreement", "js")
+                ] == pytest.approx([expected.ensemble_acc, expected.disagreement, expected.js],
+                                   abs=5e-7), method  # the CSV's rounding
+        assert float(table[method]["test_acc_mean"]) == pytest.approx(
+            (rows[method, 0]["test_acc"] + rows[method, 1]["test_acc"]) / 2, abs=5e-7)
+    assert table["imp"]["disagreement"] == ""  # one model: no pairs
 
 
 def test_a_grid_over_replicates_shares_a_and_the_imp_chain(tmp_path, capsys):
