@@ -76,7 +76,7 @@ def study_config(folder: Path, model: str, data_dir: str, epochs: int, accelerat
         "data": {"dataset": MODELS[model]["dataset"], "data_dir": data_dir,
                  "batch_size": 128},
         "study": {"store": str(folder / "store"), "sparsities": [0.8, 0.9, 0.95, 0.97],
-                  "rewind_epochs": [1], "prune": {"epochs_per_round": 0},
+                  "rewind_epochs": [1], "prune": {"epochs_per_round": 1},
                   "wandb_mode": "disabled"},
     }
     path = folder / "bench.yaml"
