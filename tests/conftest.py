@@ -260,6 +260,7 @@ def run_cli(*args, cwd, timeout: float = 300, env: dict | None = None
     environ = dict(os.environ, WANDB_MODE="offline", PYTHONHASHSEED="0", OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
                                                             os.environ.get("PYTHONPATH")])))
+    environ.pop("WANDB_SERVICE", None)  # a W&B service this process started is its own
     environ.update(env or {})
     return subprocess.run([sys.executable, "-m", "lightning_lth", *map(str, args)], cwd=cwd,
                           env=environ, capture_output=True, text=True, timeout=timeout)

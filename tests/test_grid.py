@@ -185,7 +185,9 @@ def test_slurm_jobs_are_submitted_with_dependencies_and_resources(tmp_path, monk
 def test_two_local_workers_survive_a_killed_worker_and_equal_the_serial_run(tmp_path):
     """Two CPU workers (one torch thread each) run a small grid while dense B's worker is
     SIGKILLed after its first epoch: the driver retries it, the store resumes it, every stage
-    is computed once, and the records equal a serial `experiment` run's."""
+    is computed once, and the records equal a serial `experiment` run's. The grid is launched
+    from a process that runs a W&B service (WANDB_SERVICE set): each worker starts its own
+    (sharing it, the killed worker's run stayed "in use" and its retry was refused)."""
     config = tiny_config(tmp_path, sparsities=[0.2])
     cells = ("--study.only.rewind_epoch=1",)
     serial_store, grid_store = tmp_path / "serial", tmp_path / "grid"
@@ -194,7 +196,8 @@ def test_two_local_workers_survive_a_killed_worker_and_equal_the_serial_run(tmp_
     assert serial.returncode == 0, serial.stderr[-2000:]
     grid = run_cli("grid", "--config", str(config), "--vary", "study.only.arm=[lth,permuted]",
                    "--workers", "2", "--threads", "1", f"--study.store={grid_store}", *cells,
-                   cwd=tmp_path, env={KillSwitch.ENV: "dense B@1:end"})
+                   cwd=tmp_path, env={KillSwitch.ENV: "dense B@1:end",
+                                      "WANDB_SERVICE": "the-launching-process-service"})
     assert grid.returncode == 0, grid.stderr[-3000:]
     assert "failed (the worker died (killed?))" in grid.stdout
     log = [json.loads(line) for line in (grid_store / "events.log").read_text().splitlines()]

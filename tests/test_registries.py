@@ -114,5 +114,5 @@ def test_the_runner_is_a_stage_context_and_the_protocol_names_what_stages_use(tm
     named = set(StageContext.__annotations__) | {
         name for name, value in vars(StageContext).items()
         if callable(value) and not name.startswith("_")}
-    assert used == named and len(named) == 17
+    assert used == named and len(named) == 19
     assert not isinstance(object(), StageContext)

@@ -22,7 +22,9 @@ CONFIGS = REPO / "configs"
 PLANNED_ALONE = {"resnet50_imagenet": "tests/test_imagenet.py",
                  "resnet20_svhn": "test_svhn_config_plans_the_rebuttal_setting",
                  "early_matching_resnet20_cifar10": "test_early_matching_config_plans_the_"
-                                                    "rebuttal_table"}
+                                                    "rebuttal_table",
+                 **{f"diversity_{name}": "tests/test_replicates.py" for name in (
+                     "demo_fmnist", "resnet20_cifar10", "resnet20_cifar100")}}
 GRID_SIZES = {"resnet20_cifar10": 1296, "resnet20_cifar100": 1296, "vgg11_cifar10": 252,
               "demo_fmnist": 72}
 # Phase 1 of each: one run per (width, seed) computing the shared stages, no arm.

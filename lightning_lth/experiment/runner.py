@@ -356,10 +356,11 @@ class Runner:
     def experiment(self) -> list[Record]:
         started = time.time()
         plan = self.plan()
+        groups = plan.arm_groups(self.fuse_size())  # (a fusion it refuses: before any stage)
         for replicate in plan.replicates:  # each arm's record reads its replicate's paper
             if replicate.final_match:  # match, a fused member's at once (for its W&B run)
                 self.run(replicate.final_match)
-        for group in plan.arm_groups(self.fuse_size()):
+        for group in groups:
             if len(group.members) > 1:
                 self.run_group(group)
         for stage in plan.stages:  # everything else; a finished member is only verified

@@ -41,6 +41,11 @@ from lightning_lth.grid.schedule import ReadyQueue, Slot, bottom_levels
 from lightning_lth.grid.stage_graph import GridGraph, GridSpec, build_graph
 from lightning_lth.io import load_json, save_json
 
+# Each job starts its own W&B service: one inherited from the process that launched the grid
+# (wandb exports WANDB_SERVICE where it starts one) would be shared by every job, where a
+# killed job's run stays "in use" and its retry is refused (and on SLURM it is another node's).
+OWN_WANDB_SERVICE = "unset WANDB_SERVICE"
+
 
 def _runner(argv):
     from lightning_lth.experiment.runner import Runner
@@ -220,7 +225,7 @@ def run_local(graph: GridGraph, seconds: dict[str, float], workers: list[Worker]
             timeout_min=WORKER_LIFETIME_MIN,  # per unit, the driver's own limit applies
             gpus_per_node=0 if workers[index].gpu is None else 1,
             visible_gpus=() if workers[index].gpu is None else (workers[index].gpu,),
-            setup=[f"export {name}={value}" for name, value in devices.items()])
+            setup=[OWN_WANDB_SERVICE, *(f"export {name}={value}" for name, value in devices.items())])
         place = folder / f"worker{index}-{starts[index]}"
         place.mkdir(parents=True, exist_ok=True)
         return _Slot(executor.submit(LocalWorker(place, os.getpid(), devices)), place)
@@ -392,11 +397,12 @@ def submit_slurm(graph: GridGraph, spec: GridSpec, order: list[str], seconds: di
 
 
 def _slurm_names(parameters: dict, grid: str, stage: str, after: list[str]) -> dict:
-    """The job's name (the grid's), comment (its stage) and dependencies; a job whose input
-    failed is cancelled, not left pending forever."""
+    """The job's name (the grid's), comment (its stage), dependencies and setup lines; a job
+    whose input failed is cancelled, not left pending forever."""
     extra = dict(parameters.get("additional_parameters") or {})
     if after:
         extra["kill-on-invalid-dep"] = "yes"
     return {"job_name": grid, "comment": stage,
             "dependency": "afterok:" + ":".join(after) if after else None,
-            "additional_parameters": extra}
+            "additional_parameters": extra,
+            "setup": [OWN_WANDB_SERVICE, *(parameters.get("setup") or [])]}
