@@ -116,6 +116,7 @@ def _check_compile(device: str, arch: str, channels_last: bool = False) -> None:
     check_close_to_fp32(accuracy, device, arch)
 
 
+@pytest.mark.slow  # torch.compile's first compile takes half a minute on 2 cores
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_matches_fp32(device):
     """Tiny MLP: compiling it on CPU takes ~10 s."""

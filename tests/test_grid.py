@@ -42,8 +42,10 @@ def stage_counts(sweep: dict) -> int:
     return per_net * (2 + rounds + matches + arms * kinds)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS.glob("*.yaml")
-                                        if not p.stem.endswith("_shared")))
+@pytest.mark.parametrize("name", [
+    # the ResNet20 grids' 1,296 cells over widths to 16 take over half a minute each
+    pytest.param(stem, marks=pytest.mark.slow) if stem.startswith("resnet20") else stem
+    for stem in sorted(p.stem for p in SWEEPS.glob("*.yaml") if not p.stem.endswith("_shared"))])
 def test_the_graph_of_each_sweep_file_holds_each_stage_once(name, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     sweep = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())

@@ -97,6 +97,7 @@ def resnet18_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a whole study of an 11M-parameter net on the CPU
 def test_torchvision_resnet18_study_on_cifar(tmp_path, allow_unverified_cifar, capsys):
     """plan, then the whole study (T = 2, S = 0.5, k in {0, 1}) of a torchvision ResNet18
     with its default stem on 32 x 32 synthetic CIFAR-10: spec derived from its graph."""

@@ -33,6 +33,7 @@ def round_name(folder: Path, step: int) -> str:
     return stage.name
 
 
+@pytest.mark.slow  # minutes: one kill per fail point; the fused, grid and SLURM kill tests stay in the default suite
 def test_kill_anywhere_then_rerun_equals_an_uninterrupted_run(tmp_path, reference):
     tiny_config(tmp_path)  # T = 3 epochs of 4 batches; resume points after every step
     store = tmp_path / "store"
