@@ -108,7 +108,10 @@ class Tracking:
         """A W&B run for a stage that trained without one (a fused group's member: one
         process cannot feed several live runs through Lightning's loggers): the rows of its
         CSV log at their steps, then its summary, and the run finished. The same run (name,
-        id, group, config) as the stage would have had alone, written after training."""
+        id, group, config) as the stage would have had alone, written after training. Not
+        under `wandb agent`: there the cell's one run is the agent's, not a member's."""
+        if os.environ.get("WANDB_SWEEP_ID"):
+            return
         logger = self.logger(stage, stage.shown, config)
         if logger is None:
             return
