@@ -37,6 +37,7 @@ from lightning_lth.training.module import LTHModule
 MEAN, STD = DATASETS["cifar10"].authors_stats
 LR, MOMENTUM, WEIGHT_DECAY = 0.08, 0.9, 5e-4
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+GRAPH_WARMUP = 3  # eager steps before a bare loop's capture, as GraphedStep takes
 
 
 def make_loader(args, device: torch.device, epoch_fn) -> DeviceLoader:
@@ -66,10 +67,12 @@ class StepTimer(L.Callback):
             self.stop = time.perf_counter()
 
 
-def resnet20_module(args, seed: int = 0, sparsity: float | None = None) -> LTHModule:
-    """The benched ResNet20x1; with ``sparsity``, a random mask over its weight tensors."""
+def resnet20_module(args, seed: int = 0, sparsity: float | None = None, arch: str = "resnet20",
+                    width: int = 1) -> LTHModule:
+    """The benched net (ResNet20x1 unless ``arch``/``width`` say otherwise); with
+    ``sparsity``, a random mask over its weight tensors."""
     torch.manual_seed(seed)
-    module = LTHModule(arch="resnet20", width=1, num_classes=10, lr=LR, momentum=MOMENTUM,
+    module = LTHModule(arch=arch, width=width, num_classes=10, lr=LR, momentum=MOMENTUM,
                        weight_decay=WEIGHT_DECAY, schedule="constant",
                        channels_last=args.channels_last, compile=args.compile,
                        cuda_graphs=args.cuda_graphs)
@@ -79,9 +82,11 @@ def resnet20_module(args, seed: int = 0, sparsity: float | None = None) -> LTHMo
     return module
 
 
-def lightning_rate(args, device: torch.device, sparsity: float | None = None) -> float:
+def lightning_rate(args, device: torch.device, sparsity: float | None = None,
+                   arch: str = "resnet20", width: int = 1) -> float:
     """Images/s of ``Trainer.fit`` on one net (masked with ``sparsity``)."""
-    return fit_rate(args, device, resnet20_module(args, sparsity=sparsity))
+    return fit_rate(args, device, resnet20_module(args, sparsity=sparsity, arch=arch,
+                                                  width=width))
 
 
 def fused_rate(args, device: torch.device, sparsities=(0.8, 0.9, 0.95, 0.97), copies: int = 3
@@ -108,15 +113,24 @@ def fit_rate(args, device: torch.device, module: L.LightningModule) -> float:
     return args.steps * args.batch_size / (timer.stop - timer.start)
 
 
-def bare_rate(args, device: torch.device) -> float:
+def bare_rate(args, device: torch.device, arch: str = "resnet20", width: int = 1,
+              cuda_graphs: bool = False) -> float:
+    """Images/s of a bare PyTorch loop. With ``cuda_graphs`` on a CUDA device, the loop
+    PyTorch's CUDA-graph docs give for a whole network: ``GRAPH_WARMUP`` eager steps on a side
+    stream, then forward, loss, backward and a fused SGD step (learning rate on the device)
+    captured once and replayed per batch, an odd-sized batch run eagerly; elsewhere eager."""
     torch.manual_seed(0)
-    model = build_model("resnet20", 1, 10, 3, 32).to(device)
+    model = build_model(arch, width, 10, 3, 32).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if args.compile:
         model.compile()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY)
+    graphed = cuda_graphs and device.type == "cuda"
+    if graphed and args.precision == "16-mixed":
+        raise ValueError("a graphed bare loop has no loss scaler: use 32-true or bf16-mixed")
+    optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(LR, device=device)
+                                if graphed else LR, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY, fused=graphed or None)
     half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
     epoch = [0]
@@ -127,21 +141,43 @@ def bare_rate(args, device: torch.device) -> float:
             yield from loader
             epoch[0] += 1
 
-    model.train()
-    start = None
-    for step, (images, labels) in enumerate(batches()):
-        if step == args.warmup:
-            sync(device)
-            start = time.perf_counter()
-        images = images.contiguous(memory_format=memory_format)
-        autocast = (torch.autocast(device.type, dtype=half) if half is not None
-                    else contextlib.nullcontext())
+    def step_on(images, labels):
+        # capture needs autocast's weight-cast cache off; eager steps match it
+        autocast = (torch.autocast(device.type, dtype=half, cache_enabled=not graphed)
+                    if half is not None else contextlib.nullcontext())
         with autocast:
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+
+    model.train()
+    start = graph = static = None
+    for step, (images, labels) in enumerate(batches()):
+        if step == args.warmup:
+            sync(device)
+            start = time.perf_counter()
+        images = images.contiguous(memory_format=memory_format)
+        if not graphed:
+            step_on(images, labels)
+        elif graph is not None and images.shape == static[0].shape:
+            static[0].copy_(images)
+            static[1].copy_(labels)
+            graph.replay()
+        elif step < GRAPH_WARMUP or graph is not None:  # warm-up, or an odd-sized batch
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step_on(images, labels)
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            static = (images.clone(), labels.clone())
+            graph = torch.cuda.CUDAGraph()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                step_on(*static)
+            graph.replay()  # capturing ran nothing: this batch's step
         if step == args.warmup + args.steps - 1:
             sync(device)
             return args.steps * args.batch_size / (time.perf_counter() - start)
