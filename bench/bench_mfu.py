@@ -13,10 +13,16 @@ MFU = images/s x model FLOPs per image / the card's dense peak for bf16
 the net at the real batch; the peaks from NVIDIA's datasheets, keyed by the card's name). On
 a card not in the table, or a CPU, MFU is None and the achieved TFLOP/s is printed alone.
 Since both sides do the same FLOPs per image, MFU fit / MFU bare = their images/s ratio.
+The timed steps start at step 50 (``--warmup``): from the first step that logs
+``train/loss_step`` (Lightning's ``log_every_n_steps``, 50) to the epoch's end, Lightning turns
+that progress-bar value into a number at every batch end (a host-device sync per step): the
+regime of all but the first (at most 50) steps of every epoch, 340 or more of a CIFAR-10
+epoch's 391 at batch 128 (docs/performance.md).
 Goals (issue 23): fit / bare >= 0.9 for every model, MFU >= 35 % of the bf16 peak for
 ResNet20x16 and VGG11x1. Results and provenance: ``bench/results/mfu_<time>.json``.
 
     python bench/bench_mfu.py --device cuda [--models resnet20x16,vgg11x1] [--steps 60]
+                              [--warmup 50] [--rounds 1]
     python bench/bench_mfu.py --smoke     # CPU, ResNet20x1 + VGG11x1, tiny, no compile: seconds
 """
 
@@ -67,7 +73,7 @@ def parse_models(text: str) -> list[str]:
 
 
 def measure(device: torch.device, models: list[str], *, batch_size: int = 128, steps: int = 60,
-            warmup: int = 10, rounds: int = 1, compile: bool | None = None,
+            warmup: int = 50, rounds: int = 1, compile: bool | None = None,
             results: dict | None = None) -> dict:
     """Per model: FLOPs per image, best images/s, achieved TFLOP/s and MFU of each side,
     and fit / bare. ``compile`` None: as fast.yaml says. Each model's entry is put into
@@ -137,8 +143,9 @@ def main(argv=None) -> dict:
                         help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per side")
-    parser.add_argument("--warmup", type=int, default=10,
-                        help="untimed steps before them (compile, graph capture)")
+    parser.add_argument("--warmup", type=int, default=50,
+                        help="untimed steps before them (compile, graph capture; 50: the "
+                             "timed steps come after fit's first logged step, see above)")
     parser.add_argument("--rounds", type=int, default=1, help="best of this many per side")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (default: torch's own choice)")

@@ -13,13 +13,16 @@ of the last, synchronising the device at both ends. Rounds alternate the two sid
 
     python bench/bench_training.py [--device cuda] [--steps 40] [--precision bf16-mixed]
                                    [--channels-last] [--compile] [--cuda-graphs]
+                                   [--profile 40]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import logging
+import pstats
 import time
 import warnings
 
@@ -50,19 +53,25 @@ def make_loader(args, device: torch.device, epoch_fn) -> DeviceLoader:
 
 
 class StepTimer(L.Callback):
-    """Wall time from the start of step ``warmup`` to the end of step warmup + steps - 1."""
+    """Wall time from the start of step ``warmup`` to the end of step warmup + steps - 1;
+    a ``profiler`` (cProfile) runs over the same steps."""
 
-    def __init__(self, warmup: int, steps: int, device: torch.device):
-        self.warmup, self.steps, self.device = warmup, steps, device
+    def __init__(self, warmup: int, steps: int, device: torch.device,
+                 profiler: cProfile.Profile | None = None):
+        self.warmup, self.steps, self.device, self.profiler = warmup, steps, device, profiler
         self.start = self.stop = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.warmup:
             sync(self.device)
             self.start = time.perf_counter()
+            if self.profiler is not None:
+                self.profiler.enable()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.warmup + self.steps:
+            if self.profiler is not None:
+                self.profiler.disable()
             sync(self.device)
             self.stop = time.perf_counter()
 
@@ -102,7 +111,7 @@ def fused_rate(args, device: torch.device, sparsities=(0.8, 0.9, 0.95, 0.97), co
 
 def fit_rate(args, device: torch.device, module: L.LightningModule) -> float:
     """Images/s (one batch per step) of a real Trainer fitting ``module``, warm-up excluded."""
-    timer = StepTimer(args.warmup, args.steps, device)
+    timer = StepTimer(args.warmup, args.steps, device, getattr(args, "profiler", None))
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=args.precision,
                         max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
@@ -154,10 +163,13 @@ def bare_rate(args, device: torch.device, arch: str = "resnet20", width: int = 1
 
     model.train()
     start = graph = static = None
+    profiler = getattr(args, "profiler", None)
     for step, (images, labels) in enumerate(batches()):
         if step == args.warmup:
             sync(device)
             start = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
         images = images.contiguous(memory_format=memory_format)
         if not graphed:
             step_on(images, labels)
@@ -179,6 +191,8 @@ def bare_rate(args, device: torch.device, arch: str = "resnet20", width: int = 1
                 step_on(*static)
             graph.replay()  # capturing ran nothing: this batch's step
         if step == args.warmup + args.steps - 1:
+            if profiler is not None:
+                profiler.disable()
             sync(device)
             return args.steps * args.batch_size / (time.perf_counter() - start)
     raise AssertionError("unreachable")
@@ -202,6 +216,10 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=10_000,
                         help="synthetic training images (an epoch boundary may fall inside "
                              "the timed steps, for both sides alike)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then each side once more under cProfile over its timed steps, "
+                             "printing its N functions of most own time (where a step's time "
+                             "goes beyond the bare loop's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,13 +244,23 @@ def main(argv=None) -> None:
     print(f"bare PyTorch loop     {bare:10,.1f} img/s")
     print(f"Lightning Trainer.fit {ours:10,.1f} img/s")
     print(f"ratio {ratio:.3f} (goal >= 0.95): {'met' if ratio >= 0.95 else 'NOT met'}")
+    profiled = {}
+    for name, side in (("bare", bare_rate), ("Lightning", lightning_rate)) if args.profile else ():
+        args.profiler = cProfile.Profile()
+        side(args, device)
+        stats = pstats.Stats(args.profiler)
+        profiled[name] = stats.total_tt / args.steps * 1e3
+        print(f"== {name}: cProfile over the {args.steps} timed steps, {profiled[name]:.2f} ms "
+              f"a step under the profiler", flush=True)
+        stats.sort_stats("tottime").print_stats(args.profile)
     write_result("training", {
         "model": "resnet20x1", "batch_size": args.batch_size, "precision": args.precision,
         "channels_last": args.channels_last, "compile": args.compile,
         "cuda_graphs": args.cuda_graphs, "warmup": args.warmup, "steps": args.steps,
         "rounds": args.rounds, "images": args.images,
         "bare_img_per_s": spread(rates["bare"]), "fit_img_per_s": spread(rates["Lightning"]),
-        "ratio_best_fit_over_best_bare": ratio, "goal": ">= 0.95"}, device=device)
+        "ratio_best_fit_over_best_bare": ratio, "goal": ">= 0.95",
+        **({"profiled_ms_per_step": profiled} if profiled else {})}, device=device)
 
 if __name__ == "__main__":
     main()

@@ -156,7 +156,7 @@ def fused_stages(mode: str, fmnist: str):
 
 
 MFU_SIZES = {"gpu": {"models": ["resnet20x16", "vgg11x1", "resnet20x8", "resnet20x4",
-                                 "resnet20x1"], "batch_size": 128, "steps": 60, "warmup": 10,
+                                 "resnet20x1"], "batch_size": 128, "steps": 60, "warmup": 50,
                       "rounds": 1}}
 
 
