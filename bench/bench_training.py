@@ -198,6 +198,31 @@ def bare_rate(args, device: torch.device, arch: str = "resnet20", width: int = 1
     raise AssertionError("unreachable")
 
 
+HOST_SYNCS = ("<method 'item' of 'torch._C.TensorBase' objects>",
+              "<method 'tolist' of 'torch._C.TensorBase' objects>",
+              "<method 'cpu' of 'torch._C.TensorBase' objects>")  # each waits for the device
+
+
+def per_step(stats: pstats.Stats, steps: int) -> dict:
+    """A profiled side per step: ms (under the profiler), Python-level calls, host syncs."""
+    return {"ms": round(stats.total_tt / steps * 1e3, 2),
+            "calls": round(sum(row[1] for row in stats.stats.values()) / steps, 1),
+            "host_syncs": round(sum(row[1] for key, row in stats.stats.items()
+                                    if key[2] in HOST_SYNCS) / steps, 2)}
+
+
+def beyond(bare: pstats.Stats, ours: pstats.Stats, steps: int) -> list:
+    """(own ms a step, extra calls a step, function) of each function ``ours`` calls more
+    often than ``bare``, most own time first: the per-step work between the two loops."""
+    rows = []
+    for key, row in ours.stats.items():
+        extra = row[1] - bare.stats.get(key, (0, 0))[1]
+        if extra > 0:  # the extra calls' share of its own time
+            where = f"{key[0].split('site-packages/')[-1]}:{key[1]}({key[2]})"
+            rows.append((row[2] * extra / row[1] / steps * 1e3, extra / steps, where))
+    return sorted(rows, reverse=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -244,15 +269,24 @@ def main(argv=None) -> None:
     print(f"bare PyTorch loop     {bare:10,.1f} img/s")
     print(f"Lightning Trainer.fit {ours:10,.1f} img/s")
     print(f"ratio {ratio:.3f} (goal >= 0.95): {'met' if ratio >= 0.95 else 'NOT met'}")
-    profiled = {}
+    profiled, stats = {}, {}
     for name, side in (("bare", bare_rate), ("Lightning", lightning_rate)) if args.profile else ():
         args.profiler = cProfile.Profile()
         side(args, device)
-        stats = pstats.Stats(args.profiler)
-        profiled[name] = stats.total_tt / args.steps * 1e3
-        print(f"== {name}: cProfile over the {args.steps} timed steps, {profiled[name]:.2f} ms "
-              f"a step under the profiler", flush=True)
-        stats.sort_stats("tottime").print_stats(args.profile)
+        stats[name] = pstats.Stats(args.profiler)
+        profiled[name] = per_step(stats[name], args.steps)
+        print(f"== {name}: cProfile over the {args.steps} timed steps: {profiled[name]}",
+              flush=True)
+        stats[name].sort_stats("tottime").print_stats(args.profile)
+    if stats:
+        rows = beyond(stats["bare"], stats["Lightning"], args.steps)
+        profiled["beyond_bare_ms"] = round(sum(row[0] for row in rows), 2)
+        print(f"== what the Lightning side's steps call more often than the bare loop's: "
+              f"{profiled['beyond_bare_ms']:.2f} ms a step of own time under the profiler; by "
+              f"that time (ms a step, extra calls a step, function):")
+        for ms, calls, where in rows[:args.profile]:
+            print(f"  {ms:7.3f} {calls:+7.1f}  {where}")
+        del args.profiler
     write_result("training", {
         "model": "resnet20x1", "batch_size": args.batch_size, "precision": args.precision,
         "channels_last": args.channels_last, "compile": args.compile,
