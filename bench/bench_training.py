@@ -10,6 +10,10 @@ times ``--steps`` steps from the start of step ``warmup`` (its batch fetched) to
 of the last, synchronising the device at both ends. Rounds alternate the two sides
 (``common.interleaved``); the best of each is kept. Ratio = Lightning / bare (goal:
 >= 0.95). The numbers and their provenance go to ``bench/results/training_<time>.json``.
+``--profile N`` then runs each side once more under cProfile over its timed steps and prints
+what the Lightning side calls beyond the bare loop, and its host syncs per step. The sides
+(``bare_rate``, ``lightning_rate``) also take another model and width, and the bare side a
+CUDA graph, for ``bench_mfu.py``; this script's own run is ResNet20x1 as above.
 
     python bench/bench_training.py [--device cuda] [--steps 40] [--precision bf16-mixed]
                                    [--channels-last] [--compile] [--cuda-graphs]
