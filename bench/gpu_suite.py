@@ -21,6 +21,10 @@ one that overruns it is stopped:
    (``bench_fused.compare``, the HOOK below)
 6. the same sides as 2 with ``configs/trainer/fast.yaml``'s settings (bf16-mixed,
    channels_last, torch.compile)
+7. MFU (issue 23, ``bench_mfu``): ``fit`` and a bare loop, both with all of fast.yaml's
+   settings (CUDA graphs included), for ResNet20x16, VGG11x1, ResNet20x8, x4, x1 at batch 128
+   (in that order: the goals' models first); each model's numbers are kept as it ends, also
+   when the budget stops the section part-way
 
     PYTHONPATH=. python bench/gpu_suite.py [--out DIR] [--fmnist DIR] [--only 1,2]
     PYTHONPATH=. python bench/gpu_suite.py --smoke       # any machine, CPU, tiny: proves it runs
@@ -151,6 +155,27 @@ def fused_stages(mode: str, fmnist: str):
     return result
 
 
+MFU_SIZES = {"gpu": {"models": ["resnet20x16", "vgg11x1", "resnet20x8", "resnet20x4",
+                                 "resnet20x1"], "batch_size": 128, "steps": 60, "warmup": 50,
+                      "rounds": 1}}
+
+
+def mfu_section(mode: str, device: torch.device) -> dict:
+    """``bench_mfu.measure`` at ``MFU_SIZES`` (``--smoke``: its own smoke sizes, no compile);
+    past the budget, the models measured so far and a note."""
+    import bench_mfu
+
+    sizes = MFU_SIZES.get(mode, bench_mfu.SMOKE)
+    done: dict = {}
+    try:
+        bench_mfu.measure(device, sizes["models"], batch_size=sizes["batch_size"],
+                          steps=sizes["steps"], warmup=sizes["warmup"], rounds=sizes["rounds"],
+                          compile=False if mode == "smoke" else None, results=done)
+    except Overrun as stop:
+        done["stopped"] = f"{stop}: the models not listed were not measured"
+    return done
+
+
 CUDA_TESTS = ("test_cuda_graphs.py", "test_fused.py", "test_fast_options.py",
               "test_device_loader.py")
 
@@ -210,6 +235,9 @@ def main(argv=None) -> dict:
         ("fused 12 arms, stages (study smoke run)", 120, lambda: fused_stages(mode, args.fmnist)),
         ("ResNet20x1 fast.yaml", 150, lambda: training_rates(mode, device, fast=True)
          if mode == "gpu" else "skipped in --smoke (torch.compile on a CPU: minutes)"),
+        # 5 models x 2 sides: ~25 s of compiling and ~10 s of steps and capture per model
+        # (an estimate: not yet run on a GPU)
+        ("MFU, fast.yaml (bench_mfu)", 180, lambda: mfu_section(mode, device)),
     ]
     only = {int(number) for number in args.only.split(",") if number}
     signal.signal(signal.SIGALRM, _overrun)
