@@ -21,6 +21,9 @@ one that overruns it is stopped:
    (``bench_fused.compare``, the HOOK below)
 6. the same sides as 2 with ``configs/trainer/fast.yaml``'s settings (bf16-mixed,
    channels_last, torch.compile)
+7. the published grid's cost (``bench/grid_cost.py``, issue 23): seconds per epoch of each
+   stage kind at each width, fused 12, GPU-hours per (width, seed) and the makespans on 1
+   and 8 GPUs against the authors' procedure; past the default budget: ``--only 7``
 
     PYTHONPATH=. python bench/gpu_suite.py [--out DIR] [--fmnist DIR] [--only 1,2]
     PYTHONPATH=. python bench/gpu_suite.py --smoke       # any machine, CPU, tiny: proves it runs
@@ -151,6 +154,23 @@ def fused_stages(mode: str, fmnist: str):
     return result
 
 
+# ---- the grid's cost (bench/grid_cost.py): its options per mode --------------------------
+GRID_COST = {"gpu": ["--device", "cuda", "--steps", "60", "--warmup", "10"],
+             "smoke": ["--smoke", "--device", "cpu"]}
+
+
+def grid_cost(mode: str, out: Path) -> dict:
+    """``grid_cost.main``, its whole record beside the suite's (``grid_cost*.json``); here
+    its headline figures."""
+    import grid_cost as bench_grid_cost
+
+    found = bench_grid_cost.main([*GRID_COST[mode], "--out", str(
+        out.with_name("grid_cost" + out.name.removeprefix("gpu_suite")))])
+    return {"per_epoch": found["per_epoch"], "per_width_seed": found["per_width_seed"],
+            **{key: found[key] for key in ("whole_ours", "whole_authors", "goal")
+               if key in found}}
+
+
 CUDA_TESTS = ("test_cuda_graphs.py", "test_fused.py", "test_fast_options.py",
               "test_device_loader.py")
 
@@ -210,6 +230,7 @@ def main(argv=None) -> dict:
         ("fused 12 arms, stages (study smoke run)", 120, lambda: fused_stages(mode, args.fmnist)),
         ("ResNet20x1 fast.yaml", 150, lambda: training_rates(mode, device, fast=True)
          if mode == "gpu" else "skipped in --smoke (torch.compile on a CPU: minutes)"),
+        ("grid cost", 360, lambda: grid_cost(mode, out)),
     ]
     only = {int(number) for number in args.only.split(",") if number}
     signal.signal(signal.SIGALRM, _overrun)
