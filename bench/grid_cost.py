@@ -193,9 +193,10 @@ def make_costs(timed_models: dict[tuple[str, int], dict], fused: bool = True) ->
         model_kind_seconds={"match": table(lambda t: t["match"]["total_s"])})
 
 
-def authors_graph(graph: GridGraph, studies: list) -> GridGraph:
+def authors_graph(graph: GridGraph, studies: list, name: str) -> GridGraph:
     """The grid's studies as the authors run them: per sparsity a dense pair, its own IMP
-    chain and a match, then each of the grid's arms at that sparsity alone."""
+    chain and a match, then each of the grid's arms at that sparsity alone; the keys start
+    with ``authors/<name>/``."""
     chosen = {stage for node in graph.nodes.values() for stage in node.stages}
     nodes: dict[str, Node] = {}
     for index, (runner, plan) in enumerate(studies):
@@ -204,7 +205,7 @@ def authors_graph(graph: GridGraph, studies: list) -> GridGraph:
                   "weights": plan.rounds[0].prunable, "done": False}
 
         def add(name: str, kind: str, epochs: int, needs: tuple[str, ...] = (),
-                prefix: str = f"authors/{index}/", common: dict = common) -> str:
+                prefix: str = f"authors/{name}/{index}/", common: dict = common) -> str:
             key = prefix + name
             nodes[key] = Node(key=key, stages=(key,), kind=kind, name=name, epochs=epochs,
                               needs=needs, **common)
@@ -224,14 +225,15 @@ def authors_graph(graph: GridGraph, studies: list) -> GridGraph:
     return GridGraph(nodes, [], graph.store)
 
 
-def owners(studies: list, authors: GridGraph) -> dict[str, tuple[str, int, int]]:
+def owners(studies: list, authors: GridGraph, name: str) -> dict[str, tuple[str, int, int]]:
     """Each stage key (ours and the authors') -> its study's (arch, width, seed)."""
     out = {}
     for index, (runner, plan) in enumerate(studies):
         model = runner.config["model"]
         who = (model["arch"], int(model["width"]), int(runner.config["seed_everything"]))
         out.update({stage.key: who for stage in plan.stages})
-        out.update({key: who for key in authors.nodes if key.startswith(f"authors/{index}/")})
+        out.update({key: who for key in authors.nodes
+                    if key.startswith(f"authors/{name}/{index}/")})
     return out
 
 
@@ -346,7 +348,7 @@ def main(argv=None) -> dict:
             with quiet_lightning(), contextlib.chdir(REPO):  # the files name paths from it
                 graphs[name] = build_graph(spec)
                 studies[name] = [(runner, runner.plan()) for runner in graphs[name].runners]
-            authors[name] = authors_graph(graphs[name], studies[name])
+            authors[name] = authors_graph(graphs[name], studies[name], name)
             print(f"  graph {name}: {len(graphs[name].cells)} cells, {len(graphs[name].nodes)} "
                   f"units ({time.perf_counter() - began:.0f} s)", flush=True)
 
@@ -363,9 +365,11 @@ def main(argv=None) -> dict:
     alone = make_costs(timed_models, fused=False)
     sides = {"ours": make_costs(timed_models), "ours_unfused": alone, "authors": alone}
     results: dict = {"grids": {}, "per_width_seed": []}
-    whole = {side: GridGraph({}, [], Path(".")) for side in sides}
+    # the whole grid: each grid's own seconds (an untimed width is scaled by its own grid's
+    # weights: CIFAR-100's fc makes them differ), scheduled together
+    whole = {side: (GridGraph({}, [], Path(".")), {}) for side in sides}
     for name in grids:
-        who = owners(studies[name], authors[name])
+        who = owners(studies[name], authors[name], name)
         entry = {"cells": len(graphs[name].cells), "units": len(graphs[name].nodes),
                  "fused_groups": sum(node.fused for node in graphs[name].nodes.values()),
                  "fused_epochs": sum(node.epochs for node in graphs[name].nodes.values()
@@ -375,7 +379,8 @@ def main(argv=None) -> dict:
             seconds = side_costs.seconds(graph)
             entry[side] = {"epochs": sum(node.epochs for node in graph.nodes.values()),
                            "device_s": sum(seconds.values()), **spans(graph, seconds)}
-            whole[side].nodes.update(graph.nodes)
+            whole[side][0].nodes.update(graph.nodes)
+            whole[side][1].update(seconds)
             hours: dict[tuple, float] = {}
             for key, node in graph.nodes.items():
                 owner = who[node.stages[0]]
@@ -387,10 +392,8 @@ def main(argv=None) -> dict:
             results["per_width_seed"].append(
                 {"grid": name, "study": label,
                  **{f"{side}_h": entry[side]["hours_per_width_seed"][label] for side in sides}})
-    for side, side_costs in sides.items():
-        seconds = side_costs.seconds(whole[side])
-        results[f"whole_{side}"] = {"device_s": sum(seconds.values()),
-                                    **spans(whole[side], seconds)}
+    for side, (graph, seconds) in whole.items():
+        results[f"whole_{side}"] = {"device_s": sum(seconds.values()), **spans(graph, seconds)}
 
     print(f"\n{unit} per (width, seed): ours (fuse {args.fuse}; unfused: every arm alone) vs "
           f"the authors' procedure (eager, one net at a time)")

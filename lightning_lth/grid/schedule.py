@@ -9,7 +9,9 @@ per-job overhead (process start, config, data). Seconds per epoch are configured
 file: ``{device: {arch: {width: seconds}}}``) or measured from the store's events.log
 (finished stages' times over their epochs); an untimed width is scaled from a timed width of
 the same model by its prunable weights (an epoch's work grows with the weights), and a model
-with nothing timed counts 1 s per epoch per width-1 net, which ``describe`` says.
+with nothing timed counts 1 s per epoch per width-1 net, which ``describe`` says. Seconds
+measured per stage kind and model (``bench/grid_cost.py``: a masked round's epoch, a fused
+member's, a match's seconds at each width) win over those, scaled to untimed widths alike.
 
 A fused arm group trains its members side by side: its epochs are its members' epochs summed,
 each costing ``fused_epoch_cost`` times an epoch trained alone (``FUSED_EPOCH_COST``, per
