@@ -80,10 +80,10 @@ class StepTimer(L.Callback):
             self.stop = time.perf_counter()
 
 
-def resnet20_module(args, seed: int = 0, sparsity: float | None = None, arch: str = "resnet20",
-                    width: int = 1) -> LTHModule:
-    """The benched net (ResNet20x1 unless ``arch``/``width`` say otherwise); with
-    ``sparsity``, a random mask over its weight tensors."""
+def net_module(args, seed: int = 0, sparsity: float | None = None, arch: str = "resnet20",
+               width: int = 1) -> LTHModule:
+    """The benched net (ResNet20x1 unless told); with ``sparsity``, a random mask over its
+    weight tensors."""
     torch.manual_seed(seed)
     module = LTHModule(arch=arch, width=width, num_classes=10, lr=LR, momentum=MOMENTUM,
                        weight_decay=WEIGHT_DECAY, schedule="constant",
@@ -98,16 +98,15 @@ def resnet20_module(args, seed: int = 0, sparsity: float | None = None, arch: st
 def lightning_rate(args, device: torch.device, sparsity: float | None = None,
                    arch: str = "resnet20", width: int = 1) -> float:
     """Images/s of ``Trainer.fit`` on one net (masked with ``sparsity``)."""
-    return fit_rate(args, device, resnet20_module(args, sparsity=sparsity, arch=arch,
-                                                  width=width))
+    return fit_rate(args, device, net_module(args, sparsity=sparsity, arch=arch, width=width))
 
 
-def fused_rate(args, device: torch.device, sparsities=(0.8, 0.9, 0.95, 0.97), copies: int = 3
-               ) -> float:
+def fused_rate(args, device: torch.device, sparsities=(0.8, 0.9, 0.95, 0.97), copies: int = 3,
+               arch: str = "resnet20", width: int = 1) -> float:
     """Images/s summed over the members of one fused group (``copies`` nets per sparsity,
     each its own init and mask): the group's throughput, to set against ``lightning_rate``
     of one masked net (12 nets trained one after another go at that one net's rate)."""
-    members = [resnet20_module(args, seed, sparsity) for seed, sparsity in
+    members = [net_module(args, seed, sparsity, arch, width) for seed, sparsity in
                enumerate(s for s in sparsities for _ in range(copies))]
     fused = FusedArms(members, example_input(3, 32))
     return len(members) * fit_rate(args, device, fused)

@@ -25,6 +25,9 @@ one that overruns it is stopped:
    settings (CUDA graphs included), for ResNet20x16, VGG11x1, ResNet20x8, x4, x1 at batch 128
    (in that order: the goals' models first); each model's numbers are kept as it ends, also
    when the budget stops the section part-way
+8. the published grid's cost (``bench/grid_cost.py``, issue 23): seconds per epoch of each
+   stage kind at each width, fused 12, GPU-hours per (width, seed) and the makespans on 1
+   and 8 GPUs against the authors' procedure; past the default budget: ``--only 8``
 
     PYTHONPATH=. python bench/gpu_suite.py [--out DIR] [--fmnist DIR] [--only 1,2]
     PYTHONPATH=. python bench/gpu_suite.py --smoke       # any machine, CPU, tiny: proves it runs
@@ -176,6 +179,23 @@ def mfu_section(mode: str, device: torch.device) -> dict:
     return done
 
 
+# ---- the grid's cost (bench/grid_cost.py): its options per mode --------------------------
+GRID_COST = {"gpu": ["--device", "cuda", "--steps", "60", "--warmup", "10"],
+             "smoke": ["--smoke", "--device", "cpu"]}
+
+
+def grid_cost(mode: str, out: Path) -> dict:
+    """``grid_cost.main``, its whole record beside the suite's (``grid_cost*.json``); here
+    its headline figures."""
+    import grid_cost as bench_grid_cost
+
+    found = bench_grid_cost.main([*GRID_COST[mode], "--out", str(
+        out.with_name("grid_cost" + out.name.removeprefix("gpu_suite")))])
+    return {"per_epoch": found["per_epoch"], "per_width_seed": found["per_width_seed"],
+            **{key: found[key] for key in ("whole_ours", "whole_authors", "goal")
+               if key in found}}
+
+
 CUDA_TESTS = ("test_cuda_graphs.py", "test_fused.py", "test_fast_options.py",
               "test_device_loader.py")
 
@@ -238,6 +258,7 @@ def main(argv=None) -> dict:
         # 5 models x 2 sides: ~25 s of compiling and ~10 s of steps and capture per model
         # (an estimate: not yet run on a GPU)
         ("MFU, fast.yaml (bench_mfu)", 180, lambda: mfu_section(mode, device)),
+        ("grid cost", 360, lambda: grid_cost(mode, out)),
     ]
     only = {int(number) for number in args.only.split(",") if number}
     signal.signal(signal.SIGALRM, _overrun)

@@ -136,6 +136,34 @@ def test_schedule_and_simulator_match_a_hand_computed_graph():
     assert [(s.key, s.start) for s in wandb if s.worker == 1] == [("y", 8), ("y2", 17)]
 
 
+@pytest.mark.quick
+def test_costs_per_kind_and_model_win_and_scale_to_untimed_widths():
+    """Measured seconds per (kind, model) beat the flat ones; an untimed width is scaled by
+    its weights from the nearest timed one; without them the flat values hold as before."""
+    def node(key, kind, epochs, width):
+        return Node(key=key, stages=(key,), kind=kind, name=key, epochs=epochs, needs=(),
+                    argv=(), arch="net", width=width, weights=100 * width ** 2, done=False)
+
+    graph = GridGraph({n.key: n for n in (
+        node("d1", "dense", 10, 1), node("d4", "dense", 10, 4), node("i1", "imp", 5, 1),
+        node("i4", "imp", 5, 4), node("f1", "fused", 24, 1), node("f4", "fused", 24, 4),
+        node("m1", "match", 0, 1), node("m4", "match", 0, 4), node("s4", "snapshot", 3, 4))},
+        [], Path("unused"))
+    flat = {"epoch_seconds": {("net", 1): 2.0}, "kind_seconds": {"match": 7.0},
+            "fused_epoch_cost": 0.5, "overhead_s": 1.0}
+    costs = schedule.Costs(**flat, kind_epoch_seconds={"imp": {("net", 1): 3.0},
+                                                       "fused": {("net", 4): 16.0}},
+                           model_kind_seconds={"match": {("net", 1): 4.0}})
+    assert costs.seconds(graph) == {
+        "d1": 10 * 2 + 1, "d4": 10 * 2 * 16 + 1, "i1": 5 * 3 + 1, "i4": 5 * 3 * 16 + 1,
+        "f1": 24 * 1 + 1, "f4": 24 * 16 + 1,  # a member's seconds: no fused_epoch_cost on top
+        "m1": 4 + 1, "m4": 4 * 16 + 1, "s4": 3 * 2 * 16 + 1}  # snapshot: no own table
+    assert schedule.Costs(**flat).seconds(graph) == {
+        "d1": 21, "d4": 321, "i1": 11, "i4": 161, "f1": 24 * 0.5 * 2 + 1,
+        "f4": 24 * 0.5 * 32 + 1, "m1": 8, "m4": 8, "s4": 97}
+    assert not costs.untimed
+
+
 @pytest.mark.parametrize("fuse", [1, 2])
 def test_slurm_jobs_are_submitted_with_dependencies_and_resources(tmp_path, monkeypatch, fuse):
     """submitit's SlurmExecutor looks for `srun` and calls `sbatch <script>`: stand-ins on

@@ -9,7 +9,9 @@ per-job overhead (process start, config, data). Seconds per epoch are configured
 file: ``{device: {arch: {width: seconds}}}``) or measured from the store's events.log
 (finished stages' times over their epochs); an untimed width is scaled from a timed width of
 the same model by its prunable weights (an epoch's work grows with the weights), and a model
-with nothing timed counts 1 s per epoch per width-1 net, which ``describe`` says.
+with nothing timed counts 1 s per epoch per width-1 net, which ``describe`` says. Seconds
+measured per stage kind and model (``bench/grid_cost.py``: a masked round's epoch, a fused
+member's, a match's seconds at each width) win over those, scaled to untimed widths alike.
 
 A fused arm group trains its members side by side: its epochs are its members' epochs summed,
 each costing ``fused_epoch_cost`` times an epoch trained alone (``FUSED_EPOCH_COST``, per
@@ -46,21 +48,21 @@ class Costs:
     untimed: set[str] = field(default_factory=set)  # models with no time at all
     every_epoch_s: float | None = None  # one price for every epoch of every model
     fused_epoch_cost: float = FUSED_EPOCH_COST["cpu"]  # a fused member's / an alone epoch
+    # Measured per stage kind and model, {kind: {(arch, width): seconds}}, winning over the
+    # flat values above: a kind's own seconds per epoch (a masked round's; for ``fused``, a
+    # member's epoch, fused_epoch_cost not applied) and a kind's fixed seconds (a match's,
+    # which grows with the width). An untimed width is scaled as in epoch_seconds.
+    kind_epoch_seconds: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
+    model_kind_seconds: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
 
     def per_epoch(self, node: Node, widths: dict[tuple[str, int], int]) -> float:
         if self.every_epoch_s is not None:
             return self.every_epoch_s
-        own = self.epoch_seconds.get((node.arch, node.width))
-        if own is not None:
-            return own
-        timed = [(width, seconds) for (arch, width), seconds in self.epoch_seconds.items()
-                 if arch == node.arch]
-        if not timed:
+        seconds = scaled(self.epoch_seconds, node, widths)
+        if seconds is None:
             self.untimed.add(node.arch)
-            base = widths.get((node.arch, 1), node.weights)
-            return node.weights / base
-        width, seconds = min(timed, key=lambda item: abs(item[0] - node.width))
-        return seconds * node.weights / widths.get((node.arch, width), node.weights)
+            return node.weights / widths.get((node.arch, 1), node.weights)
+        return seconds
 
     def seconds(self, graph: GridGraph) -> dict[str, float]:
         """Each unit's estimated seconds (0 for one already done)."""
@@ -73,10 +75,30 @@ class Costs:
                 times = [self.stage_seconds[s] for s in node.stages]  # a group's: one wall
                 out[key] = (max(times) if node.fused else sum(times)) + self.overhead_s
             else:
-                factor = self.fused_epoch_cost if node.fused else 1.0
-                out[key] = (node.epochs * factor * self.per_epoch(node, widths)
-                            + self.kind_seconds.get(node.kind, 0.0) + self.overhead_s)
+                own = scaled(self.kind_epoch_seconds.get(node.kind, {}), node, widths)
+                if own is None:
+                    factor = self.fused_epoch_cost if node.fused else 1.0
+                    own = factor * self.per_epoch(node, widths)
+                fixed = scaled(self.model_kind_seconds.get(node.kind, {}), node, widths)
+                if fixed is None:
+                    fixed = self.kind_seconds.get(node.kind, 0.0)
+                out[key] = node.epochs * own + fixed + self.overhead_s
         return out
+
+
+def scaled(table: dict[tuple[str, int], float], node: Node,
+           widths: dict[tuple[str, int], int]) -> float | None:
+    """``table``'s seconds for the node's (arch, width); an untimed width: the nearest timed
+    width's, scaled by the prunable weights (an epoch's work grows with them); None when the
+    arch has nothing in ``table``."""
+    own = table.get((node.arch, node.width))
+    if own is not None:
+        return own
+    timed = [(width, seconds) for (arch, width), seconds in table.items() if arch == node.arch]
+    if not timed:
+        return None
+    width, seconds = min(timed, key=lambda item: abs(item[0] - node.width))
+    return seconds * node.weights / widths.get((node.arch, width), node.weights)
 
 
 def epochs_only(fused_epoch_cost: float = FUSED_EPOCH_COST["cpu"]) -> Costs:
