@@ -303,6 +303,23 @@ def test_graphed_fused_step_matches_the_eager_fused_step(tmp_path, precision, no
         assert ours["train/loss"] == pytest.approx(theirs["train/loss"], abs=1e-3)
 
 
+@pytest.mark.slow  # torch.compile of a group and of each net alone: about a minute on 2 cores
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_yaml_settings_fused_members_equal_their_alone_runs(tmp_path, device, no_tf32):
+    """configs/trainer/fast.yaml's settings -- bf16-mixed, channels_last, torch.compile and
+    (on CUDA; eager on a CPU) CUDA graphs -- for a conv+BN group and for its nets alone: the
+    group's forward is compiled as one, vmap and all."""
+    if device == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile's CPU backend (inductor) needs a C++ compiler; none found")
+    torch._dynamo.reset()
+    worst, fused, _ = members_vs_alone(tmp_path, MODELS["conv+bn"], device, 8, "bf16-mixed",
+                                       channels_last=True, compile=True, cuda_graphs=True)
+    assert hasattr(fused._vmapped, "_torchdynamo_orig_callable")  # torch.compile's wrapper
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert max(worst["weights"], worst["stats"]) <= BF16_TOLERANCE, worst
+    assert worst["acc"] <= 2 / 128 and worst["loss"] <= 1e-3, worst
+
+
 @pytest.mark.quick
 def test_a_model_vmap_cannot_run_is_refused_before_training():
     group = [LTHModule(arch=f"{__name__}.DataDependent", num_classes=10, in_channels=1,
@@ -310,16 +327,6 @@ def test_a_model_vmap_cannot_run_is_refused_before_training():
     for module in group:
         module.mask = Mask({"head.weight": torch.ones(10, 784, dtype=torch.bool)})
     with pytest.raises(LTHError, match="cannot be fused with torch.func.vmap.*study.fuse=1"):
-        FusedArms(group, example_input(1, 28))
-
-
-@pytest.mark.quick
-def test_model_compile_is_refused_with_fused_arms():
-    group = members(MODELS["mlp"], 2)
-    for module in group:
-        module.hparams["compile"] = True
-    with pytest.raises(LTHError, match="^model.compile not supported with fused arms; set "
-                                       "study.fuse=1 or model.compile=false$"):
         FusedArms(group, example_input(1, 28))
 
 
@@ -332,14 +339,15 @@ def test_16_mixed_is_refused_before_any_stage_and_fast_settings_fuse_only_when_a
         "study.fuse=6 does not support trainer.precision=16-mixed; set study.fuse=1")
     assert not list((tmp_path / "store").rglob("*.pt"))  # nothing was trained
     fast = yaml.safe_load((REPO / "configs" / "trainer" / "fast.yaml").read_text())
-    assert unfusable(fast["model"], fast["trainer"]["precision"]) == ["model.compile"]
-    assert unfusable({"compile": False}, 32) == unfusable({}, "32-true") == []
-    assert unfusable({"channels_last": True, "cuda_graphs": True}, "bf16-mixed") == []
+    assert unfusable(fast["trainer"]["precision"]) == unfusable(32) == []
+    assert unfusable("bf16-true") == ["trainer.precision=bf16-true"]
     # The default on a device whose FUSE_DEFAULT fuses (CUDA's 12; here the CPU's, set to 4):
     # fp32 fuses, fast.yaml's settings (not measured fused yet) train alone unless asked.
     monkeypatch.setitem(runner_file.FUSE_DEFAULT, "cpu", 4)
-    fast_settings = ("--trainer.precision=bf16-mixed", "--model.channels_last=true",
-                     "--model.cuda_graphs=true")
+    fast_settings = [f"--{name}={value}" for section in ("trainer", "model")
+                     for name, value in ((f"{section}.{key}", str(value).lower())
+                                         for key, value in fast[section].items())]
+    assert len(fast_settings) == 4  # precision, channels_last, compile, cuda_graphs
 
     def fuse_size(*overrides):
         return Runner(make_cli(["--config", str(config), "--study.fuse=null", *overrides],
@@ -347,11 +355,11 @@ def test_16_mixed_is_refused_before_any_stage_and_fast_settings_fuse_only_when_a
 
     assert fuse_size() == 4
     assert fuse_size(*fast_settings) == 1
-    assert fuse_size("--model.channels_last=true") == 1
+    assert fuse_size("--model.compile=true") == fuse_size("--model.channels_last=true") == 1
     assert fuse_size(*fast_settings, "--study.fuse=6") == 6
-    with pytest.raises(LTHError, match="^study.fuse=6 does not support model.compile; set "
-                                       "study.fuse=1$"):
-        fuse_size(*fast_settings, "--model.compile=true", "--study.fuse=6")
+    with pytest.raises(LTHError, match="^study.fuse=6 does not support "
+                                       "trainer.precision=16-mixed; set study.fuse=1$"):
+        fuse_size("--trainer.precision=16-mixed", "--study.fuse=6")
 
 
 @pytest.fixture(scope="module")

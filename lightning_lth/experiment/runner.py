@@ -62,12 +62,12 @@ from lightning_lth.training.outputs import KeptOutputs
 # ran 3.70x (ResNet20x1) and 6.18x (the demo MLP) faster
 # (docs/benchmarks/fused_arms_h100_2026-11.md). Where the config asks for what a fused group
 # does not honour (``fused.unfusable``), the default is 1; likewise where it asks for what the
-# defaults were not measured with (``FUSE_MEASURED``: float32, NCHW, eager -- not
-# configs/trainer/fast.yaml's bf16, channels_last and CUDA graph), until a GPU measures it
-# (bench/gpu_suite.py, section 3). An explicit study.fuse > 1 trains those fused.
+# defaults were not measured with (``FUSE_MEASURED``: float32, NCHW, eager, uncompiled -- not
+# configs/trainer/fast.yaml's bf16, channels_last, compile and CUDA graph), until a GPU
+# measures it (bench/gpu_suite.py, section 3). An explicit study.fuse > 1 trains those fused.
 FUSE_DEFAULT = {"cpu": 1, "cuda": 12}
 FUSE_MEASURED = {"precisions": ("32-true", "32", "64-true", "64"),
-                 "off": ("channels_last", "cuda_graphs")}
+                 "off": ("channels_last", "cuda_graphs", "compile")}
 
 # Trainer arguments the runner sets itself for every stage.
 RUNNER_SETS = ("logger", "callbacks", "max_epochs", "default_root_dir", "enable_checkpointing",
@@ -283,7 +283,7 @@ class Runner:
         multi = _processes(self.trainer_args) > 1
         model = self.config["model"]
         precision = self.config["trainer"].get("precision") or "32-true"
-        refused = unfusable(model, precision)
+        refused = unfusable(precision)
         if self.study.fuse is None:
             unmeasured = str(precision) not in FUSE_MEASURED["precisions"] or any(
                 model.get(name) for name in FUSE_MEASURED["off"])

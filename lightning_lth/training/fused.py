@@ -65,23 +65,19 @@ from lightning_lth.training.outputs import KeptOutputs
 # The hyperparameters members must share to train as one model.
 SHARED = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs", "lr",
           "momentum", "weight_decay", "schedule", "schedule_epochs", "channels_last",
-          "cuda_graphs")
+          "cuda_graphs", "compile")
 SPLITS = ("train", "val", "test")
-# Model switches a fused group does not honour, and the precisions it trains in.
-UNFUSABLE_SWITCHES = ("compile",)
+# The precisions a fused group trains in (it honours every model.* switch).
 FUSED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def unfusable(model: dict, precision) -> list[str]:
-    """The settings (``model.*`` switches, ``trainer.precision``) a fused group refuses:
-    ``model.compile``, and precisions other than float32/64 and bf16-mixed (16-mixed and
-    the *-true half precisions: not checked against alone runs; 16-mixed's loss scaler
-    steps on the CPU)."""
-    found = [f"model.{name}" for name in UNFUSABLE_SWITCHES if model.get(name)]
-    if str(precision) not in FUSED_PRECISIONS:
-        found.append(f"trainer.precision={precision}")
-    return found
+def unfusable(precision) -> list[str]:
+    """The settings a fused group refuses (it honours every ``model.*`` switch):
+    ``trainer.precision`` other than float32/64 and bf16-mixed (16-mixed and the half
+    *-true ones are not checked against alone runs, and 16-mixed's loss scaler steps on the
+    CPU)."""
+    return [] if str(precision) in FUSED_PRECISIONS else [f"trainer.precision={precision}"]
 
 
 def _slot(name: str) -> str:
@@ -158,10 +154,6 @@ class FusedArms(GraphedTraining, L.LightningModule):
             if differ:
                 raise LTHError(f"arms differ in {', '.join(differ)}: they cannot train as one "
                                f"fused group")
-        unsupported = unfusable(first, "32-true")
-        if unsupported:
-            raise LTHError(f"{' and '.join(unsupported)} not supported with fused arms; set "
-                           f"study.fuse=1 or {unsupported[0]}=false")
         masks = [member.mask for member in members]
         if any(mask is None for mask in masks) or len({tuple(sorted(m.tensors)) for m in masks}) > 1:
             raise LTHError("fused arms need one mask each, over the same parameters")
@@ -170,6 +162,7 @@ class FusedArms(GraphedTraining, L.LightningModule):
         # The stateless copy functional_call runs (meta: no memory); not a submodule, so it
         # is neither in the state dict nor moved between devices.
         object.__setattr__(self, "_template", copy.deepcopy(members[0].net).to("meta"))
+        self._template._compiled_call_impl = None  # model.compile: the group compiles its own
         _as_autocast_would(self._template)
         params, buffers = stack_module_state([member.net for member in members])
         self.names = list(params)
@@ -191,6 +184,10 @@ class FusedArms(GraphedTraining, L.LightningModule):
         self.kept_outputs: KeptOutputs | None = None
         self._hooks: list = []
         self._check_fusable(example)
+        # the group's forward; model.compile compiles it as one (vmap and all)
+        vmapped = vmap(self._member, in_dims=(0, 0, None))
+        object.__setattr__(self, "_vmapped",
+                           torch.compile(vmapped) if self.hparams.compile else vmapped)
 
     # -- the stacked model ----------------------------------------------------------------
     def _stacked_params(self) -> dict[str, torch.Tensor]:
@@ -208,8 +205,7 @@ class FusedArms(GraphedTraining, L.LightningModule):
             self._template.train(self.training)  # Lightning sets .training, not train()
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return vmap(self._member, in_dims=(0, 0, None))(self._stacked_params(),
-                                                        self._stacked_buffers(), images)
+        return self._vmapped(self._stacked_params(), self._stacked_buffers(), images)
 
     def _check_fusable(self, example: torch.Tensor) -> None:
         """One forward and backward on the example batch with copies of the buffers."""
@@ -331,7 +327,7 @@ class FusedArms(GraphedTraining, L.LightningModule):
         if self.trainer.world_size > 1:
             raise LTHError("fused arms train in one process; set study.fuse=1 under DDP")
         precision = self.trainer.precision
-        if unfusable({}, precision):
+        if unfusable(precision):
             raise LTHError(f"trainer.precision={precision} not supported with fused arms "
                            f"(allowed: {', '.join(FUSED_PRECISIONS)}); set study.fuse=1")
 
