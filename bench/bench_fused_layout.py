@@ -18,6 +18,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from bench_training import resnet20_module
 from common import interleaved, sync, write_result
 
@@ -56,6 +57,22 @@ def step_time(args, device: torch.device, channels_last: bool, bf16: bool) -> fl
     return best
 
 
+def vmapped_layout(members: int = 4) -> dict[str, list[int]]:
+    """Strides of two vmapped 3x3 convolutions' output (members x batch x channels x h x w)
+    from channels_last images and weights stacked from channels_last ones, and from NCHW."""
+    images = torch.randn(8, 16, 8, 8)
+    weight = torch.randn(members, 16, 16, 3, 3)
+    last = weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # as stacked
+
+    def two_convs(x, w):
+        first = torch.func.vmap(lambda w: F.conv2d(x, w, padding=1))(w)  # shared images
+        return torch.func.vmap(lambda y, w: F.conv2d(y, w, padding=1))(first, w)  # grouped
+
+    return {"NCHW": list(two_convs(images, weight).stride()),
+            "channels_last": list(two_convs(
+                images.contiguous(memory_format=torch.channels_last), last).stride())}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -79,8 +96,11 @@ def main(argv=None) -> dict:
         ratio = best[f"NCHW {precision}"] / best[f"channels_last {precision}"]
         best[f"NCHW / channels_last {precision}"] = round(ratio, 3)
         print(f"NCHW / channels_last ({precision}): {ratio:.3f}", flush=True)
+    layout = vmapped_layout()
+    print(f"strides of two vmapped convolutions' output: {layout}", flush=True)
     numbers = {"members": args.members, "batch_size": args.batch_size,
-               "threads": args.threads, "seconds_per_step": best}
+               "threads": args.threads, "seconds_per_step": best,
+               "vmapped_output_strides": layout}
     write_result("fused_layout", numbers, device=device)
     return numbers
 
