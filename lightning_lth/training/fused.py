@@ -25,19 +25,20 @@ optimizer step, by ``LTHModule``'s own code (``hold_masks``). Only the kernels d
 instead of a matmul), so members equal their alone runs to float tolerance, not bit for bit.
 
 Mixed precision (bf16-mixed) computes what autocast computes for a net alone, where vmap's
-rules would not: its convolution rule runs below CPU autocast (an aten op CPU autocast does
-not list, so the group convolved in float32 where the alone run does in bf16), and its
-BatchNorm rule needs one dtype (a bf16 input with float32 statistics fails: "expected
-scalar type BFloat16 but found Float", on CUDA "Expected running_mean to have type
-BFloat16"). So the stateless copy casts a convolution's operands to the autocast dtype, and
-normalises a low-precision input's float32 copy and rounds the output back -- what the
-alone run's mixed BatchNorm kernel does (float32 statistics and arithmetic, output in the
-input's dtype). Parameters, BatchNorm statistics and optimizer state stay float32; outside
-autocast nothing changes. ``model.channels_last``: the members' 4-d weights are channels_last
-(each net's, stacked as they are: members x out x kh x kw x in in memory) and so are the
-images, and vmap's convolution rule keeps the grouped convolution's activations channels_last
-(batch x h x w x members * channels). ``model.cuda_graphs``: the group's step is one
-``GraphedStep``, as one net's (``module.GraphedTraining``).
+rules would not: they run above autocast, so on a CPU a vmapped convolution (and a linear
+layer on a batched input) reached kernels autocast does not cast and stayed float32 where the
+alone run is bf16, and vmap's BatchNorm rule needs one dtype (a bf16 input with float32
+statistics fails: "expected scalar type BFloat16 but found Float", on CUDA "Expected
+running_mean to have type BFloat16"). So the stateless copy casts a convolution's and a linear
+layer's operands to the autocast dtype, and normalises a low-precision input's float32 copy
+and rounds the output back -- what the alone run's mixed BatchNorm kernel does (float32
+statistics and arithmetic, output in the input's dtype). Parameters, BatchNorm statistics and
+optimizer state stay float32; outside autocast nothing changes. ``model.channels_last``: the
+members' 4-d weights are channels_last (each net's, stacked as they are: members x out x kh x
+kw x in in memory) and so are the images, and vmap's convolution rule keeps the grouped
+convolution's activations channels_last (batch x h x w x members * channels).
+``model.compile`` compiles the group's vmapped forward as one function; ``model.cuda_graphs``
+makes the group's step one ``GraphedStep``, as one net's (``module.GraphedTraining``).
 """
 
 from __future__ import annotations
