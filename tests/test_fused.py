@@ -1,5 +1,6 @@
-"""Fused arms (lightning_lth/training/fused.py): members equal their alone runs, masks stay exact, and
-a fused group is stored and resumed as one stage per arm."""
+"""Fused arms (lightning_lth/training/fused.py): members equal their alone runs (float32,
+bf16-mixed, channels_last, compiled, CUDA-graphed), masks stay exact, and a fused group is
+stored and resumed as one stage per arm."""
 
 from __future__ import annotations
 
