@@ -12,8 +12,12 @@ one that overruns it is stopped:
    and with a 90 % mask) and ``fit`` with ``model.cuda_graphs``, side by side (rounds
    interleaved, best of each)
 3. fused 12 arms, per step: a ``FusedArms`` group of 12 masked ResNet20x1 (4 sparsities x 3)
-   under ``fit`` (fp32 and bf16-mixed), images/s summed over the members, vs ``fit`` of one
-   masked net (12 nets one after another go at its rate)
+   under ``fit`` (fp32; bf16-mixed; bf16-mixed + channels_last + the group's step as one CUDA
+   graph), images/s summed over the members, vs ``fit`` of one masked eager fp32 net (12 nets
+   one after another go at its rate; goal for the graphed bf16 group >= 10x); then, where
+   the budget leaves time, the fast group's members' test accuracy after a short run on
+   learnable synthetic images against the same nets trained alone in fp32 eager (goal:
+   within 0.3 points)
 4. matching ResNet20x4 over 50 batches / the time of 50 training steps (``bench_matching``),
    then its profile
 5. fused 12 arms, whole stages, which is also the study's smoke run on the GPU: ``prune``,
@@ -52,10 +56,14 @@ from types import SimpleNamespace
 
 import bench_matching
 import bench_training
+import lightning as L
 import torch
 from common import interleaved, provenance, result_path, write_result
 
+from lightning_lth.data import DeviceLoader
 from lightning_lth.experiment.progress import silence_known_noise
+from lightning_lth.models import example_input
+from lightning_lth.training.fused import FusedArms
 
 BENCH = Path(__file__).resolve().parent
 
@@ -125,22 +133,98 @@ def training_rates(mode: str, device: torch.device, fast: bool) -> dict:
     return best
 
 
-def fused_steps(mode: str, device: torch.device) -> dict:
-    """The fused group's summed images/s vs one masked net's, rounds interleaved; fp32,
-    and the group in bf16-mixed."""
+FAST_GROUP = "fused 12 bf16 + channels_last + cuda graph (sum over members)"
+# The accuracy check's run: learnable synthetic CIFAR-shaped images (a pattern per class plus
+# noise), ResNet20x1, 4 members (one per sparsity) alone vs in the group of 12.
+ACCURACY = {"gpu": {"train": 10_000, "test": 2_000, "epochs": 3, "noise": 90.0, "alone": 4},
+            "smoke": {"train": 96, "test": 64, "epochs": 1, "noise": 90.0, "alone": 1}}
+
+
+def fused_steps(mode: str, device: torch.device, seconds_left) -> dict:
+    """The fused group's summed images/s vs one masked eager fp32 net's, rounds interleaved:
+    the group in fp32, bf16-mixed, and bf16-mixed + channels_last + its step as one CUDA
+    graph; then, if ``seconds_left()`` allows, ``fused_accuracy``."""
     args = _sides_args(mode, fast=False)
     args.steps, args.warmup = max(args.steps // 3, 2), max(args.warmup // 3, 3)
     bf16 = SimpleNamespace(**{**vars(args), "precision": "bf16-mixed"})
+    fast = SimpleNamespace(**{**vars(bf16), "channels_last": True, "cuda_graphs": True})
     best = best_rates({"fit one masked net": lambda: bench_training.lightning_rate(
                            args, device, sparsity=0.9),
                        "fused 12 (sum over members)": lambda: bench_training.fused_rate(
                            args, device),
                        "fused 12 bf16-mixed (sum over members)":
-                           lambda: bench_training.fused_rate(bf16, device)},
+                           lambda: bench_training.fused_rate(bf16, device),
+                       FAST_GROUP: lambda: bench_training.fused_rate(fast, device)},
                       max(SIZES[mode]["rounds"] - 1, 1))
     add_ratio(best, "fused 12 (sum over members)", "fit one masked net", 4)
     add_ratio(best, "fused 12 bf16-mixed (sum over members)", "fit one masked net", 4)
+    add_ratio(best, FAST_GROUP, "fit one masked net", 10)
+    if mode == "gpu" and seconds_left() < 60:
+        best["accuracy"] = f"skipped: {seconds_left():.0f} s left, estimated 60 s"
+    else:
+        try:
+            best["accuracy"] = fused_accuracy(mode, device, fast)
+        except Exception as error:  # the rates above are kept
+            best["accuracy"] = f"FAILED: {type(error).__name__}: {error}"
+        print(f"  accuracy: {best['accuracy']}", flush=True)
     return best
+
+
+def _learnable_loaders(mode: str, device: torch.device, batch_size: int, epoch_fn):
+    """(train, test) DeviceLoaders of CIFAR-shaped images a pattern per class plus noise."""
+    size = ACCURACY[mode]
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.rand(10, 3, 32, 32, generator=generator) * 195 + 30
+
+    def split(count: int):
+        labels = torch.randint(0, 10, (count,), generator=generator)
+        noise = torch.randn(count, 3, 32, 32, generator=generator) * size["noise"]
+        return (patterns[labels] + noise).round().clamp(0, 255).to(torch.uint8), labels
+
+    mean, std = bench_training.MEAN, bench_training.STD
+    train, test = split(size["train"]), split(size["test"])
+    return (DeviceLoader(*train, batch_size, mean, std, train=True, augment=False, seed=0,
+                         device=device, epoch_fn=epoch_fn),
+            DeviceLoader(*test, 1024, mean, std, train=False, augment=False, seed=0,
+                         device=device))
+
+
+def fused_accuracy(mode: str, device: torch.device, fast: SimpleNamespace) -> dict:
+    """Test accuracy (%) of the fast group's members after ``ACCURACY``'s epochs vs the
+    same nets (init, mask, batches) trained alone in fp32 eager; the largest gap."""
+    size = ACCURACY[mode]
+    eager = SimpleNamespace(**{**vars(fast), "precision": "32-true", "channels_last": False,
+                               "cuda_graphs": False})
+    members = [(seed, sparsity) for seed, sparsity in enumerate(
+        s for s in (0.8, 0.9, 0.95, 0.97) for _ in range(3))]
+
+    def accuracy(module, args) -> list[float]:
+        trainer = L.Trainer(accelerator=device.type, devices=1, precision=args.precision,
+                            max_epochs=size["epochs"], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0)
+        train, test = _learnable_loaders(mode, device, fast.batch_size,
+                                         lambda: trainer.current_epoch)
+        trainer.fit(module, train)
+        tested = trainer.test(module, test, verbose=False)[0]
+        if isinstance(module, FusedArms):
+            return [100 * row["test/acc"] for row in module.metrics("test")]
+        return [100 * tested["test/acc"]]
+
+    group = FusedArms([bench_training.resnet20_module(fast, seed, sparsity)
+                       for seed, sparsity in members], example_input(3, 32))
+    fused = accuracy(group, fast)
+    # one member per sparsity: the first of each (seed 0, 3, 6, 9)
+    chosen = list(range(0, len(members), 3))[:size["alone"]]
+    alone = {index: accuracy(bench_training.resnet20_module(eager, *members[index]), eager)[0]
+             for index in chosen}
+    gaps = {f"S={members[i][1]} seed {i}": round(fused[i] - alone[i], 2) for i in chosen}
+    largest = max(abs(gap) for gap in gaps.values())
+    return {"epochs": size["epochs"], "fused bf16 members %": [round(a, 2) for a in fused],
+            "alone fp32 %": {f"S={members[i][1]} seed {i}": round(a, 2)
+                             for i, a in alone.items()},
+            "fused - alone (points)": gaps, "largest gap (points)": round(largest, 2),
+            "goal": "<= 0.3", "met": largest <= 0.3}
 
 
 def fused_stages(mode: str, fmnist: str):
@@ -247,10 +331,14 @@ def main(argv=None) -> dict:
     out = Path(args.out) / "gpu_suite.json" if args.out else result_path("gpu_suite")
     began = time.perf_counter()
     results: dict = {"mode": mode}
+
+    def seconds_left() -> float:
+        return args.budget - (time.perf_counter() - began)
+
     sections = [  # (name, estimated seconds on an H100, run)
         ("CUDA tests", 60, lambda: cuda_tests(args.tests)),
         ("ResNet20x1 fp32", 70, lambda: training_rates(mode, device, fast=False)),
-        ("fused 12 arms, steps", 50, lambda: fused_steps(mode, device)),
+        ("fused 12 arms, steps", 65, lambda: fused_steps(mode, device, seconds_left)),
         ("matching", 50, lambda: bench_matching.main([*SIZES[mode]["matching"], "--profile"])),
         ("fused 12 arms, stages (study smoke run)", 120, lambda: fused_stages(mode, args.fmnist)),
         ("ResNet20x1 fast.yaml", 150, lambda: training_rates(mode, device, fast=True)

@@ -69,8 +69,9 @@ EXCLUDED: dict[str, str] = {
     "study.mask": "a file input, keyed by its checksum where it is read",
     "study.resume": "checkpoint cadence; resume is exact",
     "study.fuse": "how arms are batched: a fused member equals its alone run to float "
-                  "tolerance (tests/test_fused.py), like the thread count; the group size is "
-                  "recorded in each record (fused), and an arm finished either way is reused",
+                  "tolerance (float32: 1e-5, bf16-mixed: bf16's 2e-3, tests/test_fused.py), "
+                  "like the thread count; the group size is recorded in each record (fused), "
+                  "and an arm finished either way is reused",
     "study.keep_outputs": "which files a stage keeps: its test outputs change no number",
     "study.wandb_project": "logging",
     "study.wandb_mode": "logging",

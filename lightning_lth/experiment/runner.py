@@ -61,8 +61,13 @@ from lightning_lth.training.outputs import KeptOutputs
 # H100 a group of 12 ResNet20x1 trained 3.99x the images/s of one net, and whole arm stages
 # ran 3.70x (ResNet20x1) and 6.18x (the demo MLP) faster
 # (docs/benchmarks/fused_arms_h100_2026-11.md). Where the config asks for what a fused group
-# does not honour (``fused.unfusable``), the default is 1.
+# does not honour (``fused.unfusable``), the default is 1; likewise where it asks for what the
+# defaults were not measured with (``FUSE_MEASURED``: float32, NCHW, eager, uncompiled -- not
+# configs/trainer/fast.yaml's bf16, channels_last, compile and CUDA graph), until a GPU
+# measures it (bench/gpu_suite.py, section 3). An explicit study.fuse > 1 trains those fused.
 FUSE_DEFAULT = {"cpu": 1, "cuda": 12}
+FUSE_MEASURED = {"precisions": ("32-true", "32", "64-true", "64"),
+                 "off": ("channels_last", "cuda_graphs", "compile")}
 
 # Trainer arguments the runner sets itself for every stage.
 RUNNER_SETS = ("logger", "callbacks", "max_epochs", "default_root_dir", "enable_checkpointing",
@@ -272,13 +277,17 @@ class Runner:
 
     def fuse_size(self) -> int:
         """How many arms train as one fused group: ``study.fuse``, else the default of the
-        training device's type (``FUSE_DEFAULT``); 1 under DDP (fused groups are one process)
-        and where the config asks for what fused groups do not honour."""
+        training device's type (``FUSE_DEFAULT``); 1 under DDP (fused groups are one process),
+        where the config asks for what fused groups do not honour, and (unset only) for
+        settings the default was not measured with (``FUSE_MEASURED``)."""
         multi = _processes(self.trainer_args) > 1
-        refused = unfusable(self.config["model"],
-                            self.config["trainer"].get("precision") or "32-true")
+        model = self.config["model"]
+        precision = self.config["trainer"].get("precision") or "32-true"
+        refused = unfusable(precision)
         if self.study.fuse is None:
-            return 1 if multi or refused else FUSE_DEFAULT[self.device().type]
+            unmeasured = str(precision) not in FUSE_MEASURED["precisions"] or any(
+                model.get(name) for name in FUSE_MEASURED["off"])
+            return 1 if multi or refused or unmeasured else FUSE_DEFAULT[self.device().type]
         if multi and self.study.fuse > 1:
             raise LTHError(f"study.fuse={self.study.fuse} trains a group in one process; under "
                            f"DDP set study.fuse=1")

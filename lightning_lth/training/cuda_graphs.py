@@ -2,9 +2,11 @@
 
 On a fast GPU a small net's step is bound by the CPU launching its kernels one by one. Here
 the whole step -- forward, loss, backward with the mask's gradient hooks, the SGD step with
-its re-mask hook, and the epoch's running loss/accuracy sums (``EpochSums``) -- is captured
-once and then replayed with one launch per batch; per step the CPU only copies the batch into
-the graph's input buffers.
+its re-mask hook, and the epoch's running loss/accuracy sums (``EpochSums`` for one net, the
+per-member sums of a fused group) -- is captured once and then replayed with one launch per
+batch; per step the CPU only copies the batch into the graph's input buffers. The same class
+steps one net (``LTHModule``) and a fused group of nets (``FusedArms``): each gives its own
+forward-and-loss function.
 
 What the graph needs, and how it gets it:
 - The learning rate is a device tensor that the schedule fills in place (a float would be
@@ -17,25 +19,29 @@ What the graph needs, and how it gets it:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lightning_lth.cuda_streams import WARMUP, on_side_stream
-from lightning_lth.training.epoch_sums import EpochSums
 
 
 class GraphedStep:
-    """One training step of ``net`` with ``optimizer`` (fused SGD, tensor learning rate):
-    eager for the first ``WARMUP`` steps and for odd-shaped batches, else a graph replay.
-    Each step adds its batch to ``sums`` (the epoch's training loss and accuracy).
+    """One training step with ``optimizer`` (fused SGD, tensor learning rate): eager for the
+    first ``WARMUP`` steps and for odd-shaped batches, else a graph replay. ``loss_fn(images,
+    labels)`` is the forward: it returns the loss to minimise and adds the batch to the
+    epoch's running sums (device tensors updated in place, so a replay updates them too);
+    ``replayed``, where given, is called after each replay (the Python bookkeeping of those
+    sums that a replay skips).
     """
 
-    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, sums: EpochSums):
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, device: torch.device,
+                 replayed: Callable[[], None] | None = None):
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
-        self.net, self.optimizer, self.device, self.sums = net, optimizer, device, sums
+        self.loss_fn, self.optimizer, self.device = loss_fn, optimizer, device
+        self.replayed = replayed
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.loss: torch.Tensor | None = None
@@ -50,11 +56,9 @@ class GraphedStep:
         """The step's work, on whatever tensors it is given (captured or run eagerly)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            logits = self.net(images)
-            loss = F.cross_entropy(logits, labels)
+            loss = self.loss_fn(images, labels)
         loss.backward()
         self.optimizer.step()
-        self.sums.update(logits, labels, loss)
         return loss.detach()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,7 +69,8 @@ class GraphedStep:
             self.inputs[0].copy_(images)
             self.inputs[1].copy_(labels)
             self.graph.replay()
-            self.sums.replayed()
+            if self.replayed is not None:
+                self.replayed()
             return self.loss
         self.eager_steps += 1
         return on_side_stream(self.device, self._step, images, labels)

@@ -23,6 +23,22 @@ Masks are stacked bool tensors, held as 0.0/1.0 in the weights' dtype while fitt
 gradients are masked in place once accumulated and the weights re-masked after every
 optimizer step, by ``LTHModule``'s own code (``hold_masks``). Only the kernels differ (a batched matmul
 instead of a matmul), so members equal their alone runs to float tolerance, not bit for bit.
+
+Mixed precision (bf16-mixed) computes what autocast computes for a net alone, where vmap's
+rules would not: they run above autocast, so on a CPU a vmapped convolution (and a linear
+layer on a batched input) reached kernels autocast does not cast and stayed float32 where the
+alone run is bf16, and vmap's BatchNorm rule needs one dtype (a bf16 input with float32
+statistics fails: "expected scalar type BFloat16 but found Float", on CUDA "Expected
+running_mean to have type BFloat16"). So the stateless copy casts a convolution's and a linear
+layer's operands to the autocast dtype, and normalises a low-precision input's float32 copy
+and rounds the output back -- what the alone run's mixed BatchNorm kernel does (float32
+statistics and arithmetic, output in the input's dtype). Parameters, BatchNorm statistics and
+optimizer state stay float32; outside autocast nothing changes. ``model.channels_last``: the
+members' 4-d weights are channels_last (each net's, stacked as they are: members x out x kh x
+kw x in in memory) and so are the images, and vmap's convolution rule keeps the grouped
+convolution's activations channels_last (batch x h x w x members * channels).
+``model.compile`` compiles the group's vmapped forward as one function; ``model.cuda_graphs``
+makes the group's step one ``GraphedStep``, as one net's (``module.GraphedTraining``).
 """
 
 from __future__ import annotations
@@ -39,27 +55,30 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from lightning_lth.errors import LTHError
 from lightning_lth.training.epoch_sums import TOP5_MIN_CLASSES, top5_correct
-from lightning_lth.training.module import LTHModule, float_mask_pairs, hold_masks
+from lightning_lth.training.module import (
+    GraphedTraining,
+    LTHModule,
+    float_mask_pairs,
+    hold_masks,
+)
 from lightning_lth.training.outputs import KeptOutputs
 
 # The hyperparameters members must share to train as one model.
 SHARED = ("arch", "width", "num_classes", "in_channels", "image_size", "arch_kwargs", "lr",
-          "momentum", "weight_decay", "schedule", "schedule_epochs")
+          "momentum", "weight_decay", "schedule", "schedule_epochs", "channels_last",
+          "cuda_graphs", "compile")
 SPLITS = ("train", "val", "test")
-# Model switches a fused group does not honour, and the precision it trains in.
-UNFUSABLE_SWITCHES = ("compile", "channels_last", "cuda_graphs")
-FUSED_PRECISIONS = ("32-true", "32", "64-true", "64")
+# The precisions a fused group trains in (it honours every model.* switch).
+FUSED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def unfusable(model: dict, precision) -> list[str]:
-    """The settings (``model.*`` switches, ``trainer.precision``) a fused group refuses.
-    Mixed precision, for every model: vmap's BatchNorm rule fails under CUDA autocast (seen
-    on an H100: "Expected running_mean to have type BFloat16 but got Float"), and fused
-    groups are checked against their alone runs in float32 only."""
-    found = [f"model.{name}" for name in UNFUSABLE_SWITCHES if model.get(name)]
-    if str(precision) not in FUSED_PRECISIONS:
-        found.append(f"trainer.precision={precision}")
-    return found
+def unfusable(precision) -> list[str]:
+    """The settings a fused group refuses (it honours every ``model.*`` switch):
+    ``trainer.precision`` other than float32/64 and bf16-mixed (16-mixed and the half
+    *-true ones are not checked against alone runs, and 16-mixed's loss scaler steps on the
+    CPU)."""
+    return [] if str(precision) in FUSED_PRECISIONS else [f"trainer.precision={precision}"]
 
 
 def _slot(name: str) -> str:
@@ -67,7 +86,59 @@ def _slot(name: str) -> str:
     return name.replace(".", ":")
 
 
-class FusedArms(L.LightningModule):
+def _as_autocast_would(template: nn.Module) -> None:
+    """Under autocast, the stateless copy's convolutions, linear layers and BatchNorms compute
+    what autocast computes for one net (see the module's docstring); outside autocast each
+    runs its own forward."""
+    for module in template.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and hasattr(module, "_conv_forward"):
+            module._conv_forward = _autocast_conv(module._conv_forward)
+        elif isinstance(module, nn.Linear):
+            module.forward = _autocast_linear(module)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.forward = _in_float32(module.forward)
+
+
+def _autocast_dtype(images: torch.Tensor) -> torch.dtype | None:
+    kind = images.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _cast(dtype: torch.dtype, *tensors):
+    """Autocast's own cast: each floating tensor but a float64 one to ``dtype``."""
+    return tuple(t.to(dtype) if t is not None and t.dtype in (torch.float32, *LOW_PRECISION)
+                 else t for t in tensors)
+
+
+def _autocast_conv(conv_forward):
+    def forward(images, weight, bias):
+        dtype = _autocast_dtype(images)
+        if dtype is not None:
+            images, weight, bias = _cast(dtype, images, weight, bias)
+        return conv_forward(images, weight, bias)
+    return forward
+
+
+def _autocast_linear(linear: nn.Linear):
+    own = linear.forward
+
+    def forward(images):
+        dtype = _autocast_dtype(images)
+        if dtype is None:
+            return own(images)
+        return F.linear(*_cast(dtype, images, linear.weight, linear.bias))
+    return forward
+
+
+def _in_float32(forward):
+    def run(images):
+        if images.dtype in LOW_PRECISION:
+            return forward(images.float()).to(images.dtype)
+        return forward(images)
+    return run
+
+
+class FusedArms(GraphedTraining, L.LightningModule):
     """``len(members)`` nets as one stacked model; ``members`` are ready ``LTHModule``s (their
     snapshot's weights loaded, their mask set). ``member_state(i)`` gives member i's net's
     state dict; ``metrics(split)`` each member's accuracy and mean loss over the split (and
@@ -84,10 +155,6 @@ class FusedArms(L.LightningModule):
             if differ:
                 raise LTHError(f"arms differ in {', '.join(differ)}: they cannot train as one "
                                f"fused group")
-        unsupported = unfusable(first, "32-true")
-        if unsupported:
-            raise LTHError(f"{' and '.join(unsupported)} not supported with fused arms; set "
-                           f"study.fuse=1 or {unsupported[0]}=false")
         masks = [member.mask for member in members]
         if any(mask is None for mask in masks) or len({tuple(sorted(m.tensors)) for m in masks}) > 1:
             raise LTHError("fused arms need one mask each, over the same parameters")
@@ -96,6 +163,8 @@ class FusedArms(L.LightningModule):
         # The stateless copy functional_call runs (meta: no memory); not a submodule, so it
         # is neither in the state dict nor moved between devices.
         object.__setattr__(self, "_template", copy.deepcopy(members[0].net).to("meta"))
+        self._template._compiled_call_impl = None  # model.compile: the group compiles its own
+        _as_autocast_would(self._template)
         params, buffers = stack_module_state([member.net for member in members])
         self.names = list(params)
         self.buffer_names = list(buffers)
@@ -116,6 +185,10 @@ class FusedArms(L.LightningModule):
         self.kept_outputs: KeptOutputs | None = None
         self._hooks: list = []
         self._check_fusable(example)
+        # the group's forward; model.compile compiles it as one (vmap and all)
+        vmapped = vmap(self._member, in_dims=(0, 0, None))
+        object.__setattr__(self, "_vmapped",
+                           torch.compile(vmapped) if self.hparams.compile else vmapped)
 
     # -- the stacked model ----------------------------------------------------------------
     def _stacked_params(self) -> dict[str, torch.Tensor]:
@@ -131,8 +204,9 @@ class FusedArms(L.LightningModule):
         """Every member's logits for one batch: members x batch x classes."""
         if self._template.training != self.training:  # BatchNorm's mode, as this module's:
             self._template.train(self.training)  # Lightning sets .training, not train()
-        return vmap(self._member, in_dims=(0, 0, None))(self._stacked_params(),
-                                                        self._stacked_buffers(), images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._vmapped(self._stacked_params(), self._stacked_buffers(), images)
 
     def _check_fusable(self, example: torch.Tensor) -> None:
         """One forward and backward on the example batch with copies of the buffers."""
@@ -168,12 +242,17 @@ class FusedArms(L.LightningModule):
         for handle in self._hooks:  # left by a fit that raised
             handle.remove()
         self._hooks.clear()
+        self._say_if_eager()
         self._hooks += hold_masks(self._mask_pairs(), self.trainer.optimizers)
+
+    def on_train_start(self) -> None:
+        self._start_graph(lambda images, labels: self._step((images, labels), "train"))
 
     def on_fit_end(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._graphed = None
 
     # -- steps and per-member metrics -------------------------------------------------------
     def _step(self, batch, split: str) -> torch.Tensor:
@@ -197,7 +276,14 @@ class FusedArms(L.LightningModule):
         return losses.sum()  # each member's gradient is its own mean loss's
 
     def _reset(self, split: str) -> None:
-        self._sums[split] = torch.zeros(self.size, 4, dtype=torch.float64, device=self.device)
+        """Zero the split's sums, in place where they are on the device: a CUDA graph holds
+        the training sums."""
+        sums = self._sums[split]
+        if sums.device == self.device:
+            sums.zero_()
+        else:
+            self._sums[split] = torch.zeros(self.size, 4, dtype=torch.float64,
+                                            device=self.device)
 
     def metrics(self, split: str) -> list[dict[str, float]]:
         """Each member's ``<split>/acc`` and ``<split>/loss`` (mean per image) so far, and
@@ -223,7 +309,10 @@ class FusedArms(L.LightningModule):
             self.kept_outputs.gather(self)
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        if self._graphed is None:
+            return self._step(batch, "train")
+        self._graphed_step(batch, batch_idx)
+        return None
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -239,7 +328,7 @@ class FusedArms(L.LightningModule):
         if self.trainer.world_size > 1:
             raise LTHError("fused arms train in one process; set study.fuse=1 under DDP")
         precision = self.trainer.precision
-        if unfusable({}, precision):
+        if unfusable(precision):
             raise LTHError(f"trainer.precision={precision} not supported with fused arms "
                            f"(allowed: {', '.join(FUSED_PRECISIONS)}); set study.fuse=1")
 
@@ -261,7 +350,8 @@ class MemberLogs(L.Callback):
                     step=0)
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.lr = trainer.optimizers[0].param_groups[0]["lr"]  # the epoch's, as LTHModule logs
+        # the epoch's, as LTHModule logs (a device tensor in a CUDA-graphed fit)
+        self.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_epoch_end(self, trainer, pl_module):
         rows = zip(pl_module.metrics("train"), pl_module.metrics("val"), pl_module.member_masks,

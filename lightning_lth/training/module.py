@@ -88,7 +88,73 @@ def hold_masks(pairs, optimizers) -> list:
     return handles
 
 
-class LTHModule(L.LightningModule):
+class GraphedTraining:
+    """``model.cuda_graphs`` for a LightningModule whose ``hparams`` hold it: what one net
+    (``LTHModule``) and a fused group of nets (``training/fused.py``) share. On a CUDA device
+    the training step is a ``GraphedStep`` that takes the optimizer step itself (manual
+    optimisation); elsewhere it says so once and every step runs eagerly."""
+
+    _graphed: GraphedStep | None = None
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """False for a CUDA-graphed fit: the graph takes the optimizer step itself."""
+        return not self._graphs_on()
+
+    def _graphs_on(self) -> bool:
+        """``model.cuda_graphs`` on a CUDA device (elsewhere the step runs eagerly)."""
+        trainer = getattr(self, "_trainer", None)
+        if not self.hparams.get("cuda_graphs") or trainer is None or \
+                trainer.strategy.root_device.type != "cuda":
+            return False
+        if trainer.gradient_clip_val or trainer.accumulate_grad_batches != 1:
+            raise LTHError(f"model.cuda_graphs captures a plain step: trainer.gradient_clip_val="
+                           f"{trainer.gradient_clip_val} and trainer.accumulate_grad_batches="
+                           f"{trainer.accumulate_grad_batches} are not allowed with it (allowed: "
+                           f"null/0 and 1)")
+        if trainer.world_size != 1:
+            raise LTHError(f"model.cuda_graphs runs on one device, not under DDP ("
+                           f"{trainer.world_size} ranks); set model.cuda_graphs=false")
+        if trainer.precision not in GRAPH_PRECISIONS:
+            raise LTHError(f"model.cuda_graphs does not capture trainer.precision="
+                           f"{trainer.precision} (its loss scaler steps on the CPU); allowed: "
+                           f"{', '.join(GRAPH_PRECISIONS)}")
+        return True
+
+    def _say_if_eager(self) -> None:
+        """At fit start: once per device type, that ``model.cuda_graphs`` runs eagerly here."""
+        device = self.trainer.strategy.root_device
+        if self.hparams.get("cuda_graphs") and not self._graphs_on() and \
+                device.type not in _told_no_cuda:
+            _told_no_cuda.add(device.type)
+            rank_zero_warn(f"model.cuda_graphs: training on {device.type}, not CUDA: every "
+                           f"step runs eagerly (same numbers)")
+
+    def _start_graph(self, loss_fn, replayed=None) -> None:
+        """At train start, after a resume has restored the optimizer (the graph must see its
+        final state): the ``GraphedStep`` of ``loss_fn`` (see there), where graphs are on."""
+        if not self._graphs_on():
+            return
+        optimizer, device = self.trainer.optimizers[0], self.trainer.strategy.root_device
+        for group in optimizer.param_groups:  # a restored learning rate may be a float/on CPU
+            if not (torch.is_tensor(group["lr"]) and group["lr"].device == device):
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self._graphed = GraphedStep(loss_fn, optimizer, device, replayed)
+
+    def _graphed_step(self, batch, batch_idx) -> torch.Tensor:
+        """One training step through the graph, with the bookkeeping Lightning's automatic
+        optimisation would do; the batch's loss."""
+        optimizer = self.optimizers()
+        optimizer._on_before_step()  # Lightning's step count (global_step), as its step() does
+        loss = self._graphed(*batch)
+        optimizer._on_after_step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and batch_idx + 1 == self.trainer.num_training_batches:
+            scheduler.step()  # where Lightning steps an epoch schedule: before the epoch's checkpoint
+        return loss
+
+
+class LTHModule(GraphedTraining, L.LightningModule):
     def __init__(self, arch: str = "resnet20", width: int = 1, num_classes: int = 10,
                  in_channels: int = 3, image_size: int = 32, arch_kwargs: dict | None = None,
                  lr: float = 0.08, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -128,32 +194,6 @@ class LTHModule(L.LightningModule):
         self._hooks: list = []
         self._graphed: GraphedStep | None = None
 
-    # -- CUDA graphs (model.cuda_graphs) ----------------------------------------------------
-    @property
-    def automatic_optimization(self) -> bool:
-        """False for a CUDA-graphed fit: the graph takes the optimizer step itself."""
-        return not self._graphs_on()
-
-    def _graphs_on(self) -> bool:
-        """``model.cuda_graphs`` on a CUDA device (elsewhere the step runs eagerly)."""
-        trainer = getattr(self, "_trainer", None)
-        if not self.hparams.get("cuda_graphs") or trainer is None or \
-                trainer.strategy.root_device.type != "cuda":
-            return False
-        if trainer.gradient_clip_val or trainer.accumulate_grad_batches != 1:
-            raise LTHError(f"model.cuda_graphs captures a plain step: trainer.gradient_clip_val="
-                           f"{trainer.gradient_clip_val} and trainer.accumulate_grad_batches="
-                           f"{trainer.accumulate_grad_batches} are not allowed with it (allowed: "
-                           f"null/0 and 1)")
-        if trainer.world_size != 1:
-            raise LTHError(f"model.cuda_graphs runs on one device, not under DDP ("
-                           f"{trainer.world_size} ranks); set model.cuda_graphs=false")
-        if trainer.precision not in GRAPH_PRECISIONS:
-            raise LTHError(f"model.cuda_graphs does not capture trainer.precision="
-                           f"{trainer.precision} (its loss scaler steps on the CPU); allowed: "
-                           f"{', '.join(GRAPH_PRECISIONS)}")
-        return True
-
     def forward(self, x):
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -169,12 +209,7 @@ class LTHModule(L.LightningModule):
         for handle in self._hooks:  # left by a fit that raised: it never reached on_fit_end
             handle.remove()
         self._hooks.clear()
-        device = self.trainer.strategy.root_device
-        if self.hparams.get("cuda_graphs") and not self._graphs_on() and \
-                device.type not in _told_no_cuda:
-            _told_no_cuda.add(device.type)
-            rank_zero_warn(f"model.cuda_graphs: training on {device.type}, not CUDA: every "
-                           f"step runs eagerly (same numbers)")
+        self._say_if_eager()
         if self.mask is None:
             return
         self.mask.check_fits(self.net, self.hparams.arch, self.hparams.width)
@@ -189,14 +224,7 @@ class LTHModule(L.LightningModule):
             logger.log_metrics(sparsity, step=0)
 
     def on_train_start(self) -> None:
-        # Here, after a resume has restored the optimizer: the graph must see its final state.
-        if not self._graphs_on():
-            return
-        optimizer, device = self.trainer.optimizers[0], self.trainer.strategy.root_device
-        for group in optimizer.param_groups:  # a restored learning rate may be a float/on CPU
-            if not (torch.is_tensor(group["lr"]) and group["lr"].device == device):
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        self._graphed = GraphedStep(self, optimizer, device, self.epoch_sums["train_sums"])
+        self._start_graph(self._train_loss, self.epoch_sums["train_sums"].replayed)
 
     def on_fit_end(self) -> None:
         for handle in self._hooks:
@@ -216,6 +244,13 @@ class LTHModule(L.LightningModule):
         if split == "train" and self.trainer._logger_connector.should_update_logs:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False,
                      prog_bar=True)
+        return loss
+
+    def _train_loss(self, images, labels) -> torch.Tensor:
+        """The graphed step's forward: the batch's loss, added to the epoch's sums."""
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.epoch_sums["train_sums"].update(logits, labels, loss)
         return loss
 
     def _log_epoch(self, split: str) -> None:
@@ -256,16 +291,10 @@ class LTHModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self._graphed is None:
             return self._step(batch, "train")
-        optimizer = self.optimizers()
-        optimizer._on_before_step()  # Lightning's step count (global_step), as its step() does
-        loss = self._graphed(*batch)
-        optimizer._on_after_step()
+        loss = self._graphed_step(batch, batch_idx)
         if self.trainer._logger_connector.should_update_logs:
             self.log("train/loss_step", loss.clone(), on_step=True, on_epoch=False,
                      prog_bar=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and batch_idx + 1 == self.trainer.num_training_batches:
-            scheduler.step()  # where Lightning steps an epoch schedule: before the epoch's checkpoint
         return None
 
     def validation_step(self, batch, batch_idx):
