@@ -13,11 +13,8 @@ MFU = images/s x model FLOPs per image / the card's dense peak for bf16
 the net at the real batch; the peaks from NVIDIA's datasheets, keyed by the card's name). On
 a card not in the table, or a CPU, MFU is None and the achieved TFLOP/s is printed alone.
 Since both sides do the same FLOPs per image, MFU fit / MFU bare = their images/s ratio.
-The timed steps start at step 50 (``--warmup``): from the first step that logs
-``train/loss_step`` (Lightning's ``log_every_n_steps``, 50) to the epoch's end, Lightning turns
-that progress-bar value into a number at every batch end (a host-device sync per step): the
-regime of all but the first (at most 50) steps of every epoch, 340 or more of a CIFAR-10
-epoch's 391 at batch 128 (docs/performance.md).
+The timed steps start at step 50 (``--warmup``), past the first step that logs
+``train/loss_step`` (Lightning's ``log_every_n_steps``): the regime of most of an epoch.
 Goals (issue 23): fit / bare >= 0.9 for every model, MFU >= 35 % of the bf16 peak for
 ResNet20x16 and VGG11x1. Results and provenance: ``bench/results/mfu_<time>.json``.
 

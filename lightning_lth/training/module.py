@@ -240,11 +240,17 @@ class LTHModule(GraphedTraining, L.LightningModule):
         self.epoch_sums[f"{split}_sums"].update(logits, labels, loss)
         if split == "test" and self.kept_outputs is not None:
             self.kept_outputs.add(logits, labels)
-        # Lightning's own test of "the loggers write at this step" (log_every_n_steps).
-        if split == "train" and self.trainer._logger_connector.should_update_logs:
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False,
-                     prog_bar=True)
+        if split == "train":
+            self._log_step_loss(loss.detach())
         return loss
+
+    def _log_step_loss(self, loss: torch.Tensor) -> None:
+        """``train/loss_step`` at the steps the loggers write (Lightning's own test of
+        ``log_every_n_steps``); in the progress bar only where a bar is shown: once logged, a
+        bar value is read to the host at every later step of the epoch (a GPU sync a step)."""
+        if self.trainer._logger_connector.should_update_logs:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False,
+                     prog_bar=self.trainer.progress_bar_callback is not None)
 
     def _train_loss(self, images, labels) -> torch.Tensor:
         """The graphed step's forward: the batch's loss, added to the epoch's sums."""
@@ -291,10 +297,7 @@ class LTHModule(GraphedTraining, L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self._graphed is None:
             return self._step(batch, "train")
-        loss = self._graphed_step(batch, batch_idx)
-        if self.trainer._logger_connector.should_update_logs:
-            self.log("train/loss_step", loss.clone(), on_step=True, on_epoch=False,
-                     prog_bar=True)
+        self._log_step_loss(self._graphed_step(batch, batch_idx).clone())
         return None
 
     def validation_step(self, batch, batch_idx):
