@@ -111,13 +111,14 @@ class MaskChecks(L.Callback):
         self.steps += 1
 
 
-def trainer(device: str = "cpu", callbacks=(), steps: int = -1, precision="32-true"
-            ) -> L.Trainer:
+def trainer(device: str = "cpu", callbacks=(), steps: int = -1, precision="32-true",
+            options: dict | None = None) -> L.Trainer:
+    """A quiet Trainer; ``options``: further Trainer arguments."""
     return L.Trainer(max_epochs=2, max_steps=steps, accelerator=device, devices=1,
                      precision=precision, deterministic=device == "cpu", logger=False,
                      enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=list(callbacks))
+                     callbacks=list(callbacks), **(options or {}))
 
 
 @pytest.fixture
@@ -138,9 +139,11 @@ STEPS = {"mlp": 8, "conv+bn": 8, "resnet20": 1}
 
 
 def members_vs_alone(tmp_path, model: dict, device: str, steps: int, precision="32-true",
-                     **switches) -> tuple[dict[str, float], FusedArms, MaskChecks]:
+                     options: dict | None = None, **switches
+                     ) -> tuple[dict[str, float], FusedArms, MaskChecks]:
     """3 members trained ``steps`` steps and tested as a fused group and each alone, in
-    ``precision`` with the ``model.*`` ``switches``: the largest difference per kind --
+    ``precision`` with the ``model.*`` ``switches`` (and the Trainer ``options``): the
+    largest difference per kind --
     "weights" (parameters), "stats" (BatchNorm's float buffers), "acc" and "loss" (test)
     -- after checking what must be exact (the mask, BatchNorm's step counts)."""
     data = LTHDataModule("fashion_mnist", str(write_idx_dataset(tmp_path / "data")),
@@ -150,13 +153,13 @@ def members_vs_alone(tmp_path, model: dict, device: str, steps: int, precision="
     alone = copy.deepcopy(group)
     checks = MaskChecks()
     fused = FusedArms(group, example_input(1, 28))
-    trained = trainer(device, [checks], steps, precision)
+    trained = trainer(device, [checks], steps, precision, options)
     trained.fit(fused, data)
     trained.test(fused, data, verbose=False)
     assert checks.steps == steps
     worst = dict.fromkeys(("weights", "stats", "acc", "loss"), 0.0)
     for index, module in enumerate(alone):
-        run = trainer(device, steps=steps, precision=precision)
+        run = trainer(device, steps=steps, precision=precision, options=options)
         run.fit(module, data)
         (tested,) = run.test(module, data, verbose=False)
         expected, got = module.net.state_dict(), fused.member_state(index)
@@ -361,6 +364,38 @@ def test_16_mixed_is_refused_before_any_stage_and_fast_settings_fuse_only_when_a
     with pytest.raises(LTHError, match="^study.fuse=6 does not support "
                                        "trainer.precision=16-mixed; set study.fuse=1$"):
         fuse_size("--trainer.precision=16-mixed", "--study.fuse=6")
+
+
+def test_clipping_by_value_fuses_and_by_norm_is_refused_before_training(tmp_path,
+                                                                        monkeypatch):
+    """Clipping by value acts element by element: members equal their alone runs. Clipping
+    by norm (Lightning's default) would clip by the whole group's norm, not each member's:
+    the group refuses it, and so does the runner before any stage (unset study.fuse: 1)."""
+    clip_value = {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "value"}
+    worst, _, _ = members_vs_alone(tmp_path, MODELS["mlp"], "cpu", 6, options=clip_value)
+    assert worst["weights"] <= WEIGHT_TOLERANCE, worst
+    group = FusedArms(members(MODELS["mlp"], 2), example_input(1, 28))
+    data = LTHDataModule("fashion_mnist", str(write_idx_dataset(tmp_path / "data")),
+                         batch_size=64, download=False)
+    with pytest.raises(LTHError, match=r"^fused arms do not support trainer.gradient_clip_val"
+                                       r"=0.5 with gradient_clip_algorithm=norm \(allowed"):
+        trainer("cpu", steps=1, options={"gradient_clip_val": 0.5}).fit(group, data)
+    assert unfusable(32, 0.5, "value") == [] == unfusable(32, None, None)
+    config = tiny_config(tmp_path)
+    monkeypatch.setitem(runner_file.FUSE_DEFAULT, "cpu", 4)
+
+    def fuse_size(*overrides):
+        return Runner(make_cli(["--config", str(config), *overrides], run=False,
+                               command="experiment")).fuse_size()
+
+    clip = "--trainer.gradient_clip_val=0.5"
+    assert fuse_size("--study.fuse=null") == 4
+    assert fuse_size("--study.fuse=null", clip) == 1
+    assert fuse_size("--study.fuse=null", clip, "--trainer.gradient_clip_algorithm=value") == 4
+    with pytest.raises(LTHError, match="^study.fuse=6 does not support trainer.gradient_clip_"
+                                       "val=0.5 with gradient_clip_algorithm=norm; set "
+                                       "study.fuse=1$"):
+        fuse_size("--study.fuse=6", clip)
 
 
 @pytest.fixture(scope="module")

@@ -282,8 +282,10 @@ class Runner:
         settings the default was not measured with (``FUSE_MEASURED``)."""
         multi = _processes(self.trainer_args) > 1
         model = self.config["model"]
-        precision = self.config["trainer"].get("precision") or "32-true"
-        refused = unfusable(precision)
+        trainer = self.config["trainer"]
+        precision = trainer.get("precision") or "32-true"
+        refused = unfusable(precision, trainer.get("gradient_clip_val"),
+                            trainer.get("gradient_clip_algorithm"))
         if self.study.fuse is None:
             unmeasured = str(precision) not in FUSE_MEASURED["precisions"] or any(
                 model.get(name) for name in FUSE_MEASURED["off"])

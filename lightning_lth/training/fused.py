@@ -73,12 +73,19 @@ FUSED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def unfusable(precision) -> list[str]:
-    """The settings a fused group refuses (it honours every ``model.*`` switch):
+def unfusable(precision, gradient_clip_val=None, gradient_clip_algorithm=None) -> list[str]:
+    """The trainer settings a fused group refuses (it honours every ``model.*`` switch):
     ``trainer.precision`` other than float32/64 and bf16-mixed (16-mixed and the half
     *-true ones are not checked against alone runs, and 16-mixed's loss scaler steps on the
-    CPU)."""
-    return [] if str(precision) in FUSED_PRECISIONS else [f"trainer.precision={precision}"]
+    CPU), and gradient clipping by norm (Lightning's default algorithm): the norm would be
+    the whole group's, not each member's own. Clipping by value acts element by element."""
+    refused = [] if str(precision) in FUSED_PRECISIONS else [f"trainer.precision={precision}"]
+    algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
+                    or "norm").lower()  # Lightning's enum, or the config's string
+    if gradient_clip_val and algorithm == "norm":
+        refused.append(f"trainer.gradient_clip_val={gradient_clip_val} with "
+                       f"gradient_clip_algorithm=norm")
+    return refused
 
 
 def _slot(name: str) -> str:
@@ -327,10 +334,13 @@ class FusedArms(GraphedTraining, L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
             raise LTHError("fused arms train in one process; set study.fuse=1 under DDP")
-        precision = self.trainer.precision
-        if unfusable(precision):
-            raise LTHError(f"trainer.precision={precision} not supported with fused arms "
-                           f"(allowed: {', '.join(FUSED_PRECISIONS)}); set study.fuse=1")
+        trainer = self.trainer
+        refused = unfusable(trainer.precision, trainer.gradient_clip_val,
+                            trainer.gradient_clip_algorithm)
+        if refused:
+            raise LTHError(f"fused arms do not support {' and '.join(refused)} (allowed: "
+                           f"trainer.precision in {', '.join(FUSED_PRECISIONS)}, gradient "
+                           f"clipping by value only); set study.fuse=1")
 
 
 class MemberLogs(L.Callback):
