@@ -13,10 +13,11 @@ reads) are computed once before timing,
 with one epoch per IMP round so that this set-up takes about a minute: what the mask
 came from does not change how long the arm trains. The two sides then alternate
 (stage, bare, bare, stage, ...: ``common.interleaved``) and the medians are compared:
-ratio = bare / stage time (goal >= 0.90). The numbers and their provenance go to
-``bench/results/arm_stage_<time>.json``.
+ratio = bare / stage time (goal >= 0.90), at each torch thread count of ``--threads``
+(default: 1 and the machine's default, measured one after the other in this process). The
+numbers and their provenance go to ``bench/results/arm_stage_<time>.json``.
 
-    python bench/bench_arm_stage.py [--epochs 3] [--repeats 3] [--threads 1] [--profile]
+    python bench/bench_arm_stage.py [--epochs 3] [--repeats 3] [--threads 1,2] [--profile]
 
 ``--profile`` runs the stage once more under cProfile and prints where its time went.
 """
@@ -123,16 +124,46 @@ def bare_arm(runner: Runner, arm, out: Path) -> None:
                  out / "final.pt")
 
 
+def thread_counts(text: str) -> list[int]:
+    """``--threads``: comma-separated counts; ``default`` is torch's count at start."""
+    counts = [torch.get_num_threads() if item == "default" else int(item)
+              for item in text.split(",")]
+    return list(dict.fromkeys(counts))  # 1,default on a 1-core machine: once
+
+
+def compare(runner: Runner, arm, folder: Path, threads: int, repeats: int) -> dict:
+    """Stage and bare at ``threads`` torch threads, interleaved; their spreads and ratio."""
+    torch.set_num_threads(threads)
+    print(f"torch threads {threads}: {repeats} x (stage, bare)", flush=True)
+    times = interleaved(
+        {"stage": lambda: stage_seconds(runner, arm),
+         "bare": lambda: bare_seconds(runner, arm, folder)}, repeats,
+        on_round=lambda index, done: print(
+            f"  repeat {index + 1}: stage {done['stage'][-1]:6.2f} s, bare "
+            f"{done['bare'][-1]:6.2f} s", flush=True))
+    stage, bare = (spread(times[side])["median"] for side in ("stage", "bare"))
+    ratio = bare / stage
+    print(f"  median: stage {stage:.2f} s ({stage / arm.epochs:.2f} s/epoch), bare "
+          f"{bare:.2f} s ({bare / arm.epochs:.2f} s/epoch)")
+    print(f"  ratio bare / stage {ratio:.3f} (goal >= 0.90): "
+          f"{'met' if ratio >= 0.90 else 'NOT met'}", flush=True)
+    return {"threads": threads, "stage_s": spread(times["stage"]),
+            "bare_s": spread(times["bare"]), "stage_s_per_round": times["stage"],
+            "bare_s_per_round": times["bare"], "ratio_bare_over_stage": ratio}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo_fmnist.yaml")
     parser.add_argument("--epochs", type=int, default=3, help="T (the arm trains T epochs, k=0)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", default="1,default",
+                        help="torch intra-op thread counts, comma-separated ('default': "
+                             "torch's own count here)")
     parser.add_argument("--profile", action="store_true",
                         help="then one more stage run under cProfile: its top functions")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    counts = thread_counts(args.threads)
     silence_known_noise()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -144,26 +175,13 @@ def main(argv=None) -> None:
             if stage is not arm:
                 runner.run(stage)
         print(f"arm stage of {args.config}: {arm.name}, {arm.epochs} epochs, batch "
-              f"{runner.config['data']['batch_size']}, torch threads {torch.get_num_threads()}"
-              f", {args.repeats} x (stage, bare)", flush=True)
-        times = interleaved(
-            {"stage": lambda: stage_seconds(runner, arm),
-             "bare": lambda: bare_seconds(runner, arm, Path(folder))}, args.repeats,
-            on_round=lambda index, done: print(
-                f"  repeat {index + 1}: stage {done['stage'][-1]:6.2f} s, bare "
-                f"{done['bare'][-1]:6.2f} s", flush=True))
-        stage, bare = (spread(times[side])["median"] for side in ("stage", "bare"))
-        ratio = bare / stage
-        print(f"median: stage {stage:.2f} s ({stage / arm.epochs:.2f} s/epoch), bare "
-              f"{bare:.2f} s ({bare / arm.epochs:.2f} s/epoch)")
-        print(f"ratio bare / stage {ratio:.3f} (goal >= 0.90): "
-              f"{'met' if ratio >= 0.90 else 'NOT met'}")
+              f"{runner.config['data']['batch_size']}", flush=True)
+        results = [compare(runner, arm, Path(folder), threads, args.repeats)
+                   for threads in counts]
         write_result("arm_stage", {
             "config": args.config, "arm": arm.name, "epochs": arm.epochs,
             "batch_size": runner.config["data"]["batch_size"], "repeats": args.repeats,
-            "stage_s": spread(times["stage"]), "bare_s": spread(times["bare"]),
-            "stage_s_per_round": times["stage"], "bare_s_per_round": times["bare"],
-            "ratio_bare_over_stage": ratio, "goal": ">= 0.90"})
+            "by_threads": results, "goal": ">= 0.90 at each thread count"})
         if args.profile:
             forget(runner, arm)
             profile = cProfile.Profile()

@@ -32,6 +32,7 @@ from lightning_lth.errors import LTHError
 from lightning_lth.experiment import runner as runner_file
 from lightning_lth.experiment.runner import Runner
 from lightning_lth.models import example_input
+from lightning_lth.models.mlp import MLP
 from lightning_lth.parsing import make_cli
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.training import module as module_file
@@ -318,13 +319,60 @@ def test_fast_yaml_settings_fused_members_equal_their_alone_runs(tmp_path, devic
     torch._dynamo.reset()
     worst, fused, _ = members_vs_alone(tmp_path, MODELS["conv+bn"], device, 8, "bf16-mixed",
                                        channels_last=True, compile=True, cuda_graphs=True)
-    assert hasattr(fused._vmapped, "_torchdynamo_orig_callable")  # torch.compile's wrapper
+    assert hasattr(fused._grouped, "_torchdynamo_orig_callable")  # torch.compile's wrapper
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert max(worst["weights"], worst["stats"]) <= BF16_TOLERANCE, worst
     assert worst["acc"] <= 2 / 128 and worst["loss"] <= 1e-3, worst
 
 
 @pytest.mark.quick
+class SubclassedMLP(MLP):
+    """An MLP whose forward is its own: the group must not assume the MLP's."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_mlp_group_runs_as_batched_matmuls_equal_to_the_nets_alone(precision):
+    """The project's MLP fuses as one baddbmm per layer (``_linear_chain``): each member's
+    logits and gradients equal its net's alone, under autocast too (float32: 1e-5 of the
+    largest value; bf16, 8 significant bits, where kernels may round differently: 2 units of
+    its last place, 2**-7; on this CPU they are equal). Any other net, a subclass of the MLP
+    included, runs under vmap."""
+    nets = members(MODELS["mlp"], 3)
+    alone = copy.deepcopy(nets)
+    group = FusedArms(nets, example_input(1, 28))
+    assert group._chain == [("layers.0.weight", "layers.0.bias"),  # hidden [32, 32]
+                            ("layers.2.weight", "layers.2.bias"),
+                            ("classifier.weight", "classifier.bias")]
+    images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    bf16 = precision == "bf16-mixed"
+    tolerance = 2 ** -7 if bf16 else WEIGHT_TOLERANCE
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = group(images)
+    assert logits.shape == (3, 16, 10) and logits.dtype == (torch.bfloat16 if bf16 else
+                                                            torch.float32)
+    (logits.float() ** 2).sum().backward()
+    for index, module in enumerate(alone):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            own = module.net(images)
+        (own.float() ** 2).sum().backward()
+        torch.testing.assert_close(logits[index].float(), own.float(), rtol=0,
+                                   atol=tolerance * float(own.abs().max()))
+        stacked = group._stacked_params()
+        for name, param in module.net.named_parameters():
+            grad = stacked[name].grad[index]
+            torch.testing.assert_close(grad, param.grad, rtol=0,
+                                       atol=tolerance * float(param.grad.abs().max()),
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    subclassed = members(MODELS["mlp"], 2)
+    for module in subclassed:
+        module.net.__class__ = SubclassedMLP
+    assert FusedArms(subclassed, example_input(1, 28))._chain is None
+    assert FusedArms(members(MODELS["conv+bn"], 2), example_input(1, 28))._chain is None
+
+
 def test_a_model_vmap_cannot_run_is_refused_before_training():
     group = [LTHModule(arch=f"{__name__}.DataDependent", num_classes=10, in_channels=1,
                        image_size=28) for _ in range(2)]

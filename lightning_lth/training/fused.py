@@ -10,7 +10,11 @@ stateless copy of the net. Chosen over hand-written grouped convolutions / batch
 because it fuses any ``nn.Module`` the project can build (MLP, ResNet with BatchNorm, VGG, a
 user's model) without a per-model rewrite, and its batching rules already lower a vmapped
 convolution to a grouped one and a vmapped linear layer to a batched matmul (the measured
-costs: docs/fused_and_cuda_graphs.md). BatchNorm buffers are stacked too and updated in place
+costs: docs/fused_and_cuda_graphs.md). One exception: the project's ``MLP`` runs as one
+``baddbmm`` per layer on the stacked weights, activations kept members x features x batch so
+that each weight is used as it is stored (``_linear_chain``): on a CPU vmap's step of 12 demo
+MLPs took 0.74-0.88x the time of the 12 nets one after another, this one 1.0-1.13x
+(bench/bench_fused_matmul.py). BatchNorm buffers are stacked too and updated in place
 under ``vmap``, so each member keeps its own running statistics. A model ``vmap``
 cannot run (data-dependent control flow, BatchNorm with ``momentum=None``, random layers)
 is refused when the group is built, before any training.
@@ -54,6 +58,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from lightning_lth.errors import LTHError
+from lightning_lth.models.mlp import MLP
 from lightning_lth.training.epoch_sums import TOP5_MIN_CLASSES, top5_correct
 from lightning_lth.training.module import (
     GraphedTraining,
@@ -86,6 +91,22 @@ def unfusable(precision, gradient_clip_val=None, gradient_clip_algorithm=None) -
         refused.append(f"trainer.gradient_clip_val={gradient_clip_val} with "
                        f"gradient_clip_algorithm=norm")
     return refused
+
+
+def _linear_chain(net: nn.Module) -> list[tuple[str, str]] | None:
+    """For the project's ``MLP`` (that class exactly: a subclass may change its forward), its
+    linear layers' (weight, bias) names in order: flatten, then linear layers with biases and
+    a ReLU between each two. None for any other net (the group runs it under vmap)."""
+    if type(net) is not MLP:
+        return None
+    names = [f"layers.{index}" for index in range(len(net.layers))] + ["classifier"]
+    layers = [*net.layers, net.classifier]
+    if not (all(isinstance(layer, nn.Linear) and layer.bias is not None
+                for layer in layers[0::2])
+            and all(isinstance(layer, nn.ReLU) for layer in layers[1::2])
+            and len(layers) % 2 == 1):
+        return None
+    return [(f"{name}.weight", f"{name}.bias") for name in names[0::2]]
 
 
 def _slot(name: str) -> str:
@@ -193,9 +214,10 @@ class FusedArms(GraphedTraining, L.LightningModule):
         self._hooks: list = []
         self._check_fusable(example)
         # the group's forward; model.compile compiles it as one (vmap and all)
-        vmapped = vmap(self._member, in_dims=(0, 0, None))
-        object.__setattr__(self, "_vmapped",
-                           torch.compile(vmapped) if self.hparams.compile else vmapped)
+        self._chain = _linear_chain(members[0].net)
+        grouped = self._chained if self._chain else vmap(self._member, in_dims=(0, 0, None))
+        object.__setattr__(self, "_grouped",
+                           torch.compile(grouped) if self.hparams.compile else grouped)
 
     # -- the stacked model ----------------------------------------------------------------
     def _stacked_params(self) -> dict[str, torch.Tensor]:
@@ -207,13 +229,25 @@ class FusedArms(GraphedTraining, L.LightningModule):
     def _member(self, params, buffers, images):
         return functional_call(self._template, (params, buffers), (images,))
 
+    def _chained(self, params, buffers, images):
+        """A linear net's group (``_linear_chain``): per layer one ``baddbmm`` of the stacked
+        weights (members x out x in, as stored) with the activations, members x features x
+        batch; ReLU between layers. Under autocast baddbmm runs in its dtype, as each alone
+        run's linear layer does. Logits: members x batch x classes (a transposed view)."""
+        hidden = images.flatten(1).t().expand(self.size, -1, -1)
+        for index, (weight, bias) in enumerate(self._chain):
+            hidden = torch.baddbmm(params[bias].unsqueeze(2), params[weight], hidden)
+            if index < len(self._chain) - 1:
+                hidden = torch.relu(hidden)
+        return hidden.transpose(1, 2)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Every member's logits for one batch: members x batch x classes."""
         if self._template.training != self.training:  # BatchNorm's mode, as this module's:
             self._template.train(self.training)  # Lightning sets .training, not train()
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self._vmapped(self._stacked_params(), self._stacked_buffers(), images)
+        return self._grouped(self._stacked_params(), self._stacked_buffers(), images)
 
     def _check_fusable(self, example: torch.Tensor) -> None:
         """One forward and backward on the example batch with copies of the buffers."""
