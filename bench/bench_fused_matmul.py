@@ -1,15 +1,17 @@
-"""Linear nets side by side: is there a faster fused step than vmap's for an MLP group?
+"""Linear nets side by side: which fused step is fastest for a group of MLPs?
 
 The demo MLP (784-512-512-512-10), ``--members`` nets on one batch: forward, the members'
 summed mean losses and backward, timed without Lightning and without the optimizer (the
 same elementwise work on every side), in four ways:
 
 - ``sequential``: the nets one after another, as ``study.fuse=1`` trains them;
-- ``vmap``: ``torch.func.vmap`` of ``functional_call`` over the stacked parameters, as
-  ``FusedArms`` runs a group (weights stacked as members x out x in);
-- ``baddbmm_out_in``: a hand-written ``baddbmm`` chain on those same stacked weights
-  (transposed views, no copy);
-- ``baddbmm_in_out``: the same chain on weights stored members x in x out.
+- ``vmap``: ``torch.func.vmap`` of ``functional_call`` over the stacked parameters (members
+  x out x in), as ``FusedArms`` runs any other net;
+- ``fused_mlp``: ``FusedArms``'s own forward for the MLP (``fused._linear_chain``: one
+  ``baddbmm`` per layer on the stacked weights as stored, activations members x features x
+  batch);
+- ``baddbmm_in_out``: a hand-written ``baddbmm`` chain on weights stored members x in x out
+  (activations members x batch x features): what storing the weights transposed would give.
 
 Rounds alternate the sides (``common.interleaved``), the median of ``--steps`` steps per
 round and the best round are kept; ratios are sequential / side (> 1: faster than the nets
@@ -22,16 +24,18 @@ one after another). The numbers and their provenance go to
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from common import interleaved, write_result
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import vmap
 
-from lightning_lth.models import build_model
+from lightning_lth.models import example_input
+from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.fused import FusedArms
+from lightning_lth.training.module import LTHModule
 
 
 def median_step(step, steps: int) -> float:
@@ -49,10 +53,17 @@ def median_step(step, steps: int) -> float:
 def sides(members: int, batch_size: int) -> dict:
     """Each side's step (forward, loss, backward) on one fixed batch."""
     torch.manual_seed(0)
-    nets = [build_model("mlp", 1, 10, 1, 28, None) for _ in range(members)]
+    modules = [LTHModule(arch="mlp", num_classes=10, in_channels=1, image_size=28)
+               for _ in range(members)]
+    for module in modules:  # FusedArms needs masks; they do not change the forward's cost
+        module.mask = Mask({name: torch.ones_like(param, dtype=torch.bool)
+                            for name, param in module.net.named_parameters()
+                            if name.endswith("weight")})
+    nets = [module.net for module in modules]
+    fused = FusedArms(modules, example_input(1, 28))
     images = torch.randn(batch_size, 1, 28, 28)
     labels = torch.randint(0, 10, (batch_size,))
-    flat, all_labels = images.flatten(1), labels.expand(members, -1)
+    all_labels = labels.expand(members, -1)
 
     def group_loss(logits):  # members x batch x classes -> the sum of the members' mean losses
         return F.cross_entropy(logits.transpose(1, 2), all_labels, reduction="none").mean(1).sum()
@@ -62,38 +73,33 @@ def sides(members: int, batch_size: int) -> dict:
             net.zero_grad(set_to_none=True)
             F.cross_entropy(net(images), labels).backward()
 
-    params, buffers = stack_module_state(nets)
-    params = {name: value.detach().requires_grad_() for name, value in params.items()}
-    template = copy.deepcopy(nets[0]).to("meta")
-    forward = vmap(lambda p, b, x: functional_call(template, (p, b), (x,)), in_dims=(0, 0, None))
+    vmapped_forward = vmap(fused._member, in_dims=(0, 0, None))
 
     def vmapped():
-        for value in params.values():
+        fused.zero_grad(set_to_none=True)
+        group_loss(vmapped_forward(fused._stacked_params(), {}, images)).backward()
+
+    def fused_mlp():
+        fused.zero_grad(set_to_none=True)
+        group_loss(fused(images)).backward()
+
+    params = fused._stacked_params()
+    in_out = [params[weight].detach().transpose(1, 2).contiguous().requires_grad_()
+              for weight, _ in fused._chain]
+    biases = [params[bias].detach().clone().requires_grad_() for _, bias in fused._chain]
+
+    def baddbmm_in_out():
+        for value in [*in_out, *biases]:
             value.grad = None
-        group_loss(forward(params, buffers, images)).backward()
+        hidden = images.flatten(1).expand(members, -1, -1)
+        for index, (weight, bias) in enumerate(zip(in_out, biases, strict=True)):
+            hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight)
+            if index < len(in_out) - 1:
+                hidden = torch.relu(hidden)
+        group_loss(hidden).backward()
 
-    weights = [name for name in params if name.endswith("weight")]
-    biases = [params[name[:-len("weight")] + "bias"] for name in weights]
-    out_in = [params[name] for name in weights]
-    in_out = [params[name].detach().transpose(1, 2).contiguous().requires_grad_()
-              for name in weights]
-
-    def chain(stacked, transpose):
-        def step():
-            for value in [*stacked, *biases]:
-                value.grad = None
-            hidden = flat.expand(members, -1, -1)
-            for index, (weight, bias) in enumerate(zip(stacked, biases, strict=True)):
-                hidden = torch.baddbmm(bias.unsqueeze(1), hidden,
-                                       weight.transpose(1, 2) if transpose else weight)
-                if index < len(stacked) - 1:
-                    hidden = torch.relu(hidden)
-            group_loss(hidden).backward()
-        return step
-
-    return {"sequential": sequential, "vmap": vmapped,
-            "baddbmm_out_in": chain(out_in, transpose=True),
-            "baddbmm_in_out": chain(in_out, transpose=False)}
+    return {"sequential": sequential, "vmap": vmapped, "fused_mlp": fused_mlp,
+            "baddbmm_in_out": baddbmm_in_out}
 
 
 def main(argv=None) -> None:

@@ -56,8 +56,9 @@ from lightning_lth.training.module import LTHModule, load_snapshot, load_weights
 from lightning_lth.training.outputs import KeptOutputs
 
 # study.fuse when it is not set, per training device type: the group size (1: arms train
-# one after another). Measured: on CPU the fused group of 12 demo-MLP arms took 1.09-1.12x
-# the time of the arms one after another (docs/benchmarks/fused_arms_cpu_2026-11.md); on an
+# one after another). Measured: on CPU the fused group of 12 demo-MLP arms took 0.97x the
+# time of the arms one after another at 2 torch threads and 1.11x at 1 (a 3 % gain against an
+# 11 % loss: not worth a default; docs/benchmarks/fused_arms_cpu_2026-12.md); on an
 # H100 a group of 12 ResNet20x1 trained 3.99x the images/s of one net, and whole arm stages
 # ran 3.70x (ResNet20x1) and 6.18x (the demo MLP) faster
 # (docs/benchmarks/fused_arms_h100_2026-11.md). Where the config asks for what a fused group

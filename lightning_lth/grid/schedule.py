@@ -15,9 +15,9 @@ member's, a match's seconds at each width) win over those, scaled to untimed wid
 
 A fused arm group trains its members side by side: its epochs are its members' epochs summed,
 each costing ``fused_epoch_cost`` times an epoch trained alone (``FUSED_EPOCH_COST``, per
-device type, measured: on CPU 12 demo-MLP arms fused took 1.121 and 1.088 times their time
-one after another, 1.10 on average (docs/benchmarks/fused_arms_cpu_2026-11.md); on an H100
-a group of 12 ResNet20x1 trained 3.99x the images per second of one net
+device type, measured: on CPU 12 demo-MLP arms fused took 0.97 times their time one after
+another at the default 2 torch threads, 1.11 at one (docs/benchmarks/fused_arms_cpu_2026-12.md);
+on an H100 a group of 12 ResNet20x1 trained 3.99x the images per second of one net
 (docs/benchmarks/fused_arms_h100_2026-11.md); ``--fused_epoch_cost`` overrides it). A
 group's measured time is its members' shared wall time.
 """
@@ -35,8 +35,8 @@ from lightning_lth.grid.stage_graph import GridGraph, Node
 from lightning_lth.io import load_yaml
 
 # A fused member's epoch over an alone epoch, per device type (module docstring; measured in
-# docs/benchmarks/fused_arms_cpu_2026-11.md and docs/benchmarks/fused_arms_h100_2026-11.md).
-FUSED_EPOCH_COST = {"cpu": 1.10, "cuda": 1 / 3.99}
+# docs/benchmarks/fused_arms_cpu_2026-12.md and docs/benchmarks/fused_arms_h100_2026-11.md).
+FUSED_EPOCH_COST = {"cpu": 0.97, "cuda": 1 / 3.99}
 
 
 @dataclass
