@@ -325,7 +325,6 @@ def test_fast_yaml_settings_fused_members_equal_their_alone_runs(tmp_path, devic
     assert worst["acc"] <= 2 / 128 and worst["loss"] <= 1e-3, worst
 
 
-@pytest.mark.quick
 class SubclassedMLP(MLP):
     """An MLP whose forward is its own: the group must not assume the MLP's."""
 
@@ -373,6 +372,7 @@ def test_the_mlp_group_runs_as_batched_matmuls_equal_to_the_nets_alone(precision
     assert FusedArms(members(MODELS["conv+bn"], 2), example_input(1, 28))._chain is None
 
 
+@pytest.mark.quick
 def test_a_model_vmap_cannot_run_is_refused_before_training():
     group = [LTHModule(arch=f"{__name__}.DataDependent", num_classes=10, in_channels=1,
                        image_size=28) for _ in range(2)]
