@@ -19,15 +19,17 @@ def test_epoch_values_equal_torchmetrics_to_the_bit_then_start_again():
     mean_loss, accuracy = MeanMetric(nan_strategy="disable"), MulticlassAccuracy(10, average="micro")
     # odd batch sizes: a loss summed over the expanded batch mean rounds differently
     for size in (128, 96, 37, 128, 1, 250) * 20:
-        logits = torch.randn(size, 10, generator=generator) * 3
+        # as in a training step: the logits and the loss carry autograd history
+        logits = (torch.randn(size, 10, generator=generator) * 3).requires_grad_()
         labels = torch.randint(0, 10, (size,), generator=generator)
         loss = F.cross_entropy(logits, labels)
         sums.update(logits, labels, loss)
-        mean_loss.update(loss.expand(size))
-        accuracy.update(logits, labels)
+        mean_loss.update(loss.detach().expand(size))
+        accuracy.update(logits.detach(), labels)
     values = sums.compute()
     loss, acc = values["loss"], values["acc"]
     assert set(values) == {"acc", "loss"}  # no top-5 unless asked for
+    assert not any(state.requires_grad for state in (sums.loss, sums.hits, sums.images))
     kept = sums.loss
     sums.reset()
     assert loss.dtype == acc.dtype == torch.float32
