@@ -6,14 +6,18 @@ T - k epochs of masked SGD with a test evaluation after each (``data.val_split``
 final test, the mask/weights/result files and the store's seal. The bare side is the same
 work by hand: the same snapshot, mask, data loaders, SGD + cosine schedule, the mask applied
 to the gradients and the weights at every step, one test evaluation per epoch and at the
-end, the final weights saved; no logging, no metrics objects, no callbacks.
+end, the final weights saved; no logging, no metrics objects, no callbacks. The floor side
+is the bare loop's work as the smallest LightningModule, fitted by a Lightning Trainer with
+the stage's settings: bare / floor is what Lightning's own loop costs on this machine, which
+no stage fitted by it can beat; floor / stage is the study's own share (its metrics, hooks,
+callbacks, checkpoints, files and store).
 
 The study's other stages (dense A and B, the IMP rounds to 0.9, the matching its record
-reads) are computed once before timing,
-with one epoch per IMP round so that this set-up takes about a minute: what the mask
-came from does not change how long the arm trains. The two sides then alternate
-(stage, bare, bare, stage, ...: ``common.interleaved``) and the medians are compared:
-ratio = bare / stage time (goal >= 0.90), at each torch thread count of ``--threads``
+reads) are computed once before timing, with one epoch per IMP round so that this set-up
+takes about a minute: what the mask came from does not change how long the arm trains. The
+sides then alternate (stage, bare, floor, floor, bare, stage, ...: ``common.interleaved``)
+and the medians are compared: ratio = bare / stage time (goal >= 0.90), at each torch thread
+count of ``--threads``
 (default: 1 and the machine's default, measured one after the other in this process). The
 numbers and their provenance go to ``bench/results/arm_stage_<time>.json``.
 
@@ -33,19 +37,21 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from common import interleaved, spread, timed, write_result
 
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 from lightning_lth.experiment.runner import Runner
-from lightning_lth.io import save_tensors
+from lightning_lth.io import load_tensors, save_tensors
 from lightning_lth.models import build_model
 from lightning_lth.parsing import make_cli
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.training.module import load_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
+SIDES = ("stage", "bare", "floor")
 
 
 def make_runner(args, store: Path) -> Runner:
@@ -71,32 +77,52 @@ def stage_seconds(runner: Runner, arm) -> float:
     return timed(lambda: runner.run(arm))[0]
 
 
-def bare_seconds(runner: Runner, arm, out: Path) -> float:
-    """The same arm by hand: same start, mask, data and schedule; no Lightning."""
-    return timed(lambda: bare_arm(runner, arm, out))[0]
+class ArmWork:
+    """What the bare and floor sides share: the arm's net at its start with the mask applied,
+    the mask as 0.0/1.0 factors, SGD + cosine, and its train and test loaders."""
+
+    def __init__(self, runner: Runner, arm):
+        model_config, sparse = runner.config["model"], runner.study.sparse
+        self.model = build_model(model_config["arch"], model_config["width"],
+                                 model_config["num_classes"], model_config["in_channels"],
+                                 model_config["image_size"], model_config.get("arch_kwargs"))
+        self.model.load_state_dict(load_snapshot(str(runner.weights(arm.init))))
+        mask = Mask.load(runner.store.path(arm.round) / "mask.pt")
+        params = dict(self.model.named_parameters())
+        # 0.0/1.0 masks in the weights' dtype: a bool factor is converted at every multiply
+        self.weights = [params[name] for name in mask.tensors]
+        self.keeps = [keep.to(params[name].dtype) for name, keep in mask.tensors.items()]
+        with torch.no_grad():
+            self.remask()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=sparse.lr,
+                                         momentum=sparse.momentum,
+                                         weight_decay=sparse.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                   T_max=arm.epochs)
+        datamodule = runner.datamodule
+        datamodule.order_seed = runner.order_seed(*arm.order())
+        self.epoch = 0
+        self.train = datamodule.build_loader("train", epoch_fn=lambda: self.epoch)
+        self.test = datamodule.build_loader("test")
+
+    def mask_grads(self) -> None:
+        torch._foreach_mul_([weight.grad for weight in self.weights], self.keeps)
+
+    def remask(self) -> None:
+        """The weights times their mask, in place (with autograd off)."""
+        torch._foreach_mul_(self.weights, self.keeps)
+
+    def save(self, out: Path) -> None:
+        out.mkdir(exist_ok=True)
+        save_tensors({"state_dict": {k: v.detach().clone()
+                                     for k, v in self.model.state_dict().items()}},
+                     out / "final.pt")
 
 
 def bare_arm(runner: Runner, arm, out: Path) -> None:
-    model_config, sparse = runner.config["model"], runner.study.sparse
-    model = build_model(model_config["arch"], model_config["width"],
-                        model_config["num_classes"], model_config["in_channels"],
-                        model_config["image_size"], model_config.get("arch_kwargs"))
-    model.load_state_dict(load_snapshot(str(runner.weights(arm.init))))
-    mask = Mask.load(runner.store.path(arm.round) / "mask.pt")
-    params = dict(model.named_parameters())
-    # 0.0/1.0 masks in the weights' dtype: a bool factor is converted at every multiply
-    weights = [params[name] for name in mask.tensors]
-    keeps = [keep.to(params[name].dtype) for name, keep in mask.tensors.items()]
-    with torch.no_grad():
-        torch._foreach_mul_(weights, keeps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=sparse.lr, momentum=sparse.momentum,
-                                weight_decay=sparse.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=arm.epochs)
-    datamodule = runner.datamodule
-    datamodule.order_seed = runner.order_seed(*arm.order())
-    epoch = [0]
-    train = datamodule.build_loader("train", epoch_fn=lambda: epoch[0])
-    test = datamodule.build_loader("test")
+    """The arm by hand: same start, mask, data and schedule; no Lightning."""
+    work = ArmWork(runner, arm)
+    model, optimizer, test = work.model, work.optimizer, work.test
 
     def evaluate() -> float:
         model.eval()
@@ -108,20 +134,73 @@ def bare_arm(runner: Runner, arm, out: Path) -> None:
         return correct / len(test.labels)
 
     model.train()
-    for epoch[0] in range(arm.epochs):
-        for images, labels in train:
+    for work.epoch in range(arm.epochs):
+        for images, labels in work.train:
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
-                torch._foreach_mul_([weight.grad for weight in weights], keeps)
+                work.mask_grads()
                 optimizer.step()
-                torch._foreach_mul_(weights, keeps)
-        schedule.step()
+                work.remask()
+        work.schedule.step()
         evaluate()
     evaluate()
-    save_tensors({"state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}},
-                 out / "final.pt")
+    work.save(out)
+
+
+class FloorModule(L.LightningModule):
+    """The bare loop's work as the smallest LightningModule: the same net, mask, SGD, schedule
+    and loaders, the mask applied as the bare loop applies it, a count of correct answers per
+    evaluation; no metrics objects, logging or callbacks. Its time over the bare loop's is
+    what Lightning's own loop costs; the stage's time over this one is the study's share."""
+
+    def __init__(self, work: ArmWork):
+        super().__init__()
+        self.work, self.model = work, work.model
+        self.correct = 0
+
+    def train_dataloader(self):
+        return self.work.train
+
+    def val_dataloader(self):
+        return self.work.test
+
+    def on_fit_start(self) -> None:
+        self.work.optimizer.register_step_post_hook(self._remask)
+
+    @torch.no_grad()
+    def _remask(self, *_) -> None:
+        self.work.remask()
+
+    def on_train_epoch_start(self) -> None:
+        self.work.epoch = self.current_epoch
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return F.cross_entropy(self.model(images), labels)
+
+    def on_after_backward(self) -> None:
+        self.work.mask_grads()
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.correct += int((self.model(images).argmax(1) == labels).sum())
+
+    def configure_optimizers(self):
+        return {"optimizer": self.work.optimizer, "lr_scheduler": self.work.schedule}
+
+
+def floor_arm(runner: Runner, arm, out: Path) -> None:
+    """The bare loop's work fitted by a Lightning Trainer with the stage's settings (one
+    evaluation per epoch as its validation, one more at the end); no callbacks or loggers."""
+    module = FloorModule(ArmWork(runner, arm))
+    trainer = L.Trainer(**runner.trainer_args, max_epochs=arm.epochs, logger=False,
+                        callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out)
+    trainer.fit(module)
+    trainer.validate(module, verbose=False)
+    module.work.save(out)
 
 
 def thread_counts(text: str) -> list[int]:
@@ -131,25 +210,47 @@ def thread_counts(text: str) -> list[int]:
     return list(dict.fromkeys(counts))  # 1,default on a 1-core machine: once
 
 
+def check_same_work(runner: Runner, arm, folder: Path) -> None:
+    """The three sides did the same work: their final weights are equal to the bit (else the
+    ratios compare different computations, and the bench stops)."""
+    weights = {side: load_tensors(path, what="final weights")["state_dict"] for side, path in (
+        ("stage", runner.store.path(arm) / "final.pt"), ("bare", folder / "bare" / "final.pt"),
+        ("floor", folder / "floor" / "final.pt"))}
+    for side in ("bare", "floor"):
+        differ = [name for name, tensor in weights["stage"].items()
+                  if not torch.equal(tensor, weights[side][name])]
+        if differ:
+            raise SystemExit(f"the {side} side's final weights differ from the stage's in "
+                             f"{', '.join(differ)}: the sides do not do the same work")
+    print("  final weights of stage, bare and floor: equal to the bit", flush=True)
+
+
 def compare(runner: Runner, arm, folder: Path, threads: int, repeats: int) -> dict:
     """Stage and bare at ``threads`` torch threads, interleaved; their spreads and ratio."""
     torch.set_num_threads(threads)
-    print(f"torch threads {threads}: {repeats} x (stage, bare)", flush=True)
+    print(f"torch threads {threads}: {repeats} x (stage, bare, floor)", flush=True)
     times = interleaved(
         {"stage": lambda: stage_seconds(runner, arm),
-         "bare": lambda: bare_seconds(runner, arm, folder)}, repeats,
+         "bare": lambda: timed(lambda: bare_arm(runner, arm, folder / "bare"))[0],
+         "floor": lambda: timed(lambda: floor_arm(runner, arm, folder / "floor"))[0]}, repeats,
         on_round=lambda index, done: print(
-            f"  repeat {index + 1}: stage {done['stage'][-1]:6.2f} s, bare "
-            f"{done['bare'][-1]:6.2f} s", flush=True))
-    stage, bare = (spread(times[side])["median"] for side in ("stage", "bare"))
-    ratio = bare / stage
-    print(f"  median: stage {stage:.2f} s ({stage / arm.epochs:.2f} s/epoch), bare "
-          f"{bare:.2f} s ({bare / arm.epochs:.2f} s/epoch)")
+            f"  repeat {index + 1}: " + ", ".join(f"{side} {done[side][-1]:6.2f} s"
+                                                 for side in SIDES), flush=True))
+    check_same_work(runner, arm, folder)
+    median = {side: spread(times[side])["median"] for side in SIDES}
+    ratio = median["bare"] / median["stage"]
+    print("  median: " + ", ".join(f"{side} {median[side]:.2f} s "
+                                   f"({median[side] / arm.epochs:.2f} s/epoch)"
+                                   for side in SIDES))
     print(f"  ratio bare / stage {ratio:.3f} (goal >= 0.90): "
-          f"{'met' if ratio >= 0.90 else 'NOT met'}", flush=True)
-    return {"threads": threads, "stage_s": spread(times["stage"]),
-            "bare_s": spread(times["bare"]), "stage_s_per_round": times["stage"],
-            "bare_s_per_round": times["bare"], "ratio_bare_over_stage": ratio}
+          f"{'met' if ratio >= 0.90 else 'NOT met'}; Lightning's own loop: bare / floor "
+          f"{median['bare'] / median['floor']:.3f}; the study's share: floor / stage "
+          f"{median['floor'] / median['stage']:.3f}", flush=True)
+    return {"threads": threads, **{f"{side}_s": spread(times[side]) for side in SIDES},
+            **{f"{side}_s_per_round": times[side] for side in SIDES},
+            "ratio_bare_over_stage": ratio,
+            "ratio_bare_over_floor": median["bare"] / median["floor"],
+            "ratio_floor_over_stage": median["floor"] / median["stage"]}
 
 
 def main(argv=None) -> None:
