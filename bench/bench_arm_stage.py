@@ -16,8 +16,9 @@ The study's other stages (dense A and B, the IMP rounds to 0.9, the matching its
 reads) are computed once before timing, with one epoch per IMP round so that this set-up
 takes about a minute: what the mask came from does not change how long the arm trains. The
 sides then alternate (stage, bare, floor, floor, bare, stage, ...: ``common.interleaved``)
-and the medians are compared: ratio = bare / stage time (goal >= 0.90), at each torch thread
-count of ``--threads``
+and the medians are compared: ratio = bare / stage time (goal >= 0.90), whole runs and per
+step (the median time from one optimizer step to the next, taken by torch's global step
+hook on every side alike), at each torch thread count of ``--threads``
 (default: 1 and the machine's default, measured one after the other in this process). The
 numbers and their provenance go to ``bench/results/arm_stage_<time>.json``.
 
@@ -33,7 +34,9 @@ import cProfile
 import logging
 import pstats
 import shutil
+import statistics
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -41,6 +44,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from common import interleaved, spread, timed, write_result
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lightning_lth.experiment.progress import quiet_lightning, silence_known_noise
 from lightning_lth.experiment.runner import Runner
@@ -71,10 +75,10 @@ def forget(runner: Runner, arm) -> None:
     runner.store._verified.discard(arm.key)
 
 
-def stage_seconds(runner: Runner, arm) -> float:
+def run_stage(runner: Runner, arm) -> None:
     """``Runner.run(arm)`` from an empty slot in the store (its earlier result removed)."""
     forget(runner, arm)
-    return timed(lambda: runner.run(arm))[0]
+    runner.run(arm)
 
 
 class ArmWork:
@@ -225,18 +229,60 @@ def check_same_work(runner: Runner, arm, folder: Path) -> None:
     print("  final weights of stage, bare and floor: equal to the bit", flush=True)
 
 
+class StepClock:
+    """The time from one optimizer step to the next, on every side alike (torch's global
+    step hook: no side's code is touched). Its median over a side's runs is that side's
+    per-step cost; the few intervals spanning an evaluation do not move a median."""
+
+    def __init__(self):
+        self.intervals: dict[str, list[float]] = {side: [] for side in SIDES}
+        self.side, self.last = None, None
+
+    def __enter__(self) -> StepClock:
+        self._hook = register_optimizer_step_post_hook(self._stepped)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._hook.remove()
+
+    def _stepped(self, *_) -> None:
+        now = time.perf_counter()
+        if self.side is not None and self.last is not None:
+            self.intervals[self.side].append(now - self.last)
+        self.last = now
+
+    def timing(self, side: str, run) -> float:
+        """``run()``'s seconds, its steps' intervals kept under ``side``."""
+        self.side, self.last = side, None
+        try:
+            return timed(run)[0]
+        finally:
+            self.side = None
+
+    def median_ms(self, side: str) -> float:
+        return statistics.median(self.intervals[side]) * 1e3
+
+
 def compare(runner: Runner, arm, folder: Path, threads: int, repeats: int) -> dict:
-    """Stage and bare at ``threads`` torch threads, interleaved; their spreads and ratio."""
+    """Stage, bare and floor at ``threads`` torch threads, interleaved: their whole-run
+    spreads, per-step medians and ratios."""
     torch.set_num_threads(threads)
     print(f"torch threads {threads}: {repeats} x (stage, bare, floor)", flush=True)
-    times = interleaved(
-        {"stage": lambda: stage_seconds(runner, arm),
-         "bare": lambda: timed(lambda: bare_arm(runner, arm, folder / "bare"))[0],
-         "floor": lambda: timed(lambda: floor_arm(runner, arm, folder / "floor"))[0]}, repeats,
-        on_round=lambda index, done: print(
-            f"  repeat {index + 1}: " + ", ".join(f"{side} {done[side][-1]:6.2f} s"
-                                                 for side in SIDES), flush=True))
+    runs = {"stage": lambda: run_stage(runner, arm),
+            "bare": lambda: bare_arm(runner, arm, folder / "bare"),
+            "floor": lambda: floor_arm(runner, arm, folder / "floor")}
+    with StepClock() as clock:
+        times = interleaved(
+            {side: lambda side=side: clock.timing(side, runs[side]) for side in SIDES},
+            repeats, on_round=lambda index, done: print(
+                f"  repeat {index + 1}: " + ", ".join(f"{side} {done[side][-1]:6.2f} s"
+                                                     for side in SIDES), flush=True))
     check_same_work(runner, arm, folder)
+    step = {side: clock.median_ms(side) for side in SIDES}
+    print("  per step (median): " + ", ".join(f"{side} {step[side]:.3f} ms" for side in SIDES)
+          + f"; bare / stage {step['bare'] / step['stage']:.3f}, bare / floor "
+            f"{step['bare'] / step['floor']:.3f}, floor / stage "
+            f"{step['floor'] / step['stage']:.3f}")
     median = {side: spread(times[side])["median"] for side in SIDES}
     ratio = median["bare"] / median["stage"]
     print("  median: " + ", ".join(f"{side} {median[side]:.2f} s "
@@ -250,7 +296,9 @@ def compare(runner: Runner, arm, folder: Path, threads: int, repeats: int) -> di
             **{f"{side}_s_per_round": times[side] for side in SIDES},
             "ratio_bare_over_stage": ratio,
             "ratio_bare_over_floor": median["bare"] / median["floor"],
-            "ratio_floor_over_stage": median["floor"] / median["stage"]}
+            "ratio_floor_over_stage": median["floor"] / median["stage"],
+            "step_ms_median": step,
+            "step_intervals": {side: len(clock.intervals[side]) for side in SIDES}}
 
 
 def main(argv=None) -> None:
