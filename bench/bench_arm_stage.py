@@ -8,8 +8,8 @@ work by hand: the same snapshot, mask, data loaders, SGD + cosine schedule, the 
 to the gradients and the weights at every step, one test evaluation per epoch and at the
 end, the final weights saved; no logging, no metrics objects, no callbacks. The floor side
 is the bare loop's work as the smallest LightningModule, fitted by a Lightning Trainer with
-the stage's settings: bare / floor is what Lightning's own loop costs on this machine, which
-no stage fitted by it can beat; floor / stage is the study's own share (its metrics, hooks,
+the stage's settings: bare / floor is what Lightning's own loop costs on this machine, a
+bound for any stage that its automatic optimisation fits; floor / stage is the study's own share (its metrics, hooks,
 callbacks, checkpoints, files and store).
 
 The study's other stages (dense A and B, the IMP rounds to 0.9, the matching its record
@@ -186,6 +186,9 @@ class FloorModule(L.LightningModule):
 
     def on_after_backward(self) -> None:
         self.work.mask_grads()
+
+    def on_validation_epoch_start(self) -> None:
+        self.correct = 0
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch
