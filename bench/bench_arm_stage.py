@@ -22,7 +22,7 @@ hook on every side alike), at each torch thread count of ``--threads``
 (default: 1 and the machine's default, measured one after the other in this process). The
 numbers and their provenance go to ``bench/results/arm_stage_<time>.json``.
 
-    python bench/bench_arm_stage.py [--epochs 3] [--repeats 3] [--threads 1,2] [--profile]
+    python bench/bench_arm_stage.py [--epochs 3] [--repeats 5] [--threads 1,2] [--profile]
 
 ``--profile`` runs the stage once more under cProfile and prints where its time went.
 """
@@ -308,7 +308,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo_fmnist.yaml")
     parser.add_argument("--epochs", type=int, default=3, help="T (the arm trains T epochs, k=0)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side")
     parser.add_argument("--threads", default="1,default",
                         help="torch intra-op thread counts, comma-separated ('default': "
                              "torch's own count here)")
