@@ -335,9 +335,8 @@ def main(argv=None) -> None:
             "batch_size": runner.config["data"]["batch_size"], "repeats": args.repeats,
             "by_threads": results, "goal": ">= 0.90 at each thread count"})
         if args.profile:
-            forget(runner, arm)
             profile = cProfile.Profile()
-            profile.runcall(runner.run, arm)
+            profile.runcall(run_stage, runner, arm)
             pstats.Stats(profile).sort_stats("cumulative").print_stats(45)
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
 

@@ -47,9 +47,9 @@ class EpochSums(Metric):
         self.add_state("images", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        """One batch: ``loss`` is its mean loss per image. Only in-place tensor operations,
-        as few as give these sums: each costs a small net's step several microseconds of
-        Python (torchmetrics runs ``update`` without autograd, so nothing is detached)."""
+        """One batch: ``loss`` is its mean loss per image. Only in-place tensor operations, as
+        few as give these sums: each adds several microseconds of Python to every step
+        (torchmetrics runs ``update`` without autograd, so nothing is detached)."""
         images = labels.numel()
         if loss.dtype != torch.float32:
             loss = loss.float()
