@@ -17,6 +17,7 @@ from lightning_lth.data import LTHDataModule
 from lightning_lth.errors import LTHError
 from lightning_lth.experiment.config import SEED_MAX, Study
 from lightning_lth.training.callbacks import RewindSnapshots, check_rewind_epochs
+from lightning_lth.training.lean import profiler_or_quiet
 from lightning_lth.training.module import LTHModule
 
 # The string after each ``study`` dataclass field is that setting's `--help` text.
@@ -118,6 +119,12 @@ class LTHCLI(LightningCLI):
             raise LTHError(f"seed_everything={seed} is not allowed: it must be in "
                            f"0..{SEED_MAX} (or true: a random one)")
         super()._set_seed()
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with ``QuietProfiler`` where ``trainer.profiler`` names none."""
+        configured = self._get(self.config_init, "trainer", default={}).get("profiler")
+        kwargs.setdefault("profiler", profiler_or_quiet(configured))
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self):
         """Rewind epochs beyond max_epochs, a model that cannot run on the data, or data

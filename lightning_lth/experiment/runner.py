@@ -52,6 +52,7 @@ from lightning_lth.symmetry.matching import perm_agreement
 from lightning_lth.training.callbacks import ResumePoints, RewindSnapshots, check_rewind_epochs
 from lightning_lth.training.failpoints import KillSwitch
 from lightning_lth.training.fused import unfusable
+from lightning_lth.training.lean import profiler_or_quiet
 from lightning_lth.training.module import LTHModule, load_snapshot, load_weights
 from lightning_lth.training.outputs import KeptOutputs
 
@@ -101,6 +102,7 @@ class Runner:
         trainer_args = dict(vars(cli.config_init.trainer))
         self.fit_callbacks = list(trainer_args.get("callbacks") or [])
         self.trainer_args = {k: v for k, v in trainer_args.items() if k not in RUNNER_SETS}
+        self.trainer_args["profiler"] = profiler_or_quiet(trainer_args.get("profiler"))
         self.plugins = list(trainer_args.get("plugins") or [])
         self.show_steps = trainer_args.get("enable_progress_bar") is not False
         self.view = StudyProgress("", [])  # `watch` sets the command's view

@@ -60,6 +60,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from lightning_lth.errors import LTHError
 from lightning_lth.models.mlp import MLP
 from lightning_lth.training.epoch_sums import TOP5_MIN_CLASSES, top5_correct
+from lightning_lth.training.lean import LeanModule
 from lightning_lth.training.module import (
     GraphedTraining,
     LTHModule,
@@ -166,7 +167,7 @@ def _in_float32(forward):
     return run
 
 
-class FusedArms(GraphedTraining, L.LightningModule):
+class FusedArms(GraphedTraining, LeanModule):
     """``len(members)`` nets as one stacked model; ``members`` are ready ``LTHModule``s (their
     snapshot's weights loaded, their mask set). ``member_state(i)`` gives member i's net's
     state dict; ``metrics(split)`` each member's accuracy and mean loss over the split (and

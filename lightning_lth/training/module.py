@@ -17,7 +17,6 @@ its softmax outputs where ``kept_outputs`` is set (``training/outputs.py``).
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -29,6 +28,7 @@ from lightning_lth.models import build_model
 from lightning_lth.sparsity.mask import Mask
 from lightning_lth.training.cuda_graphs import GraphedStep
 from lightning_lth.training.epoch_sums import TOP5_MIN_CLASSES, EpochSums
+from lightning_lth.training.lean import LeanModule
 from lightning_lth.training.outputs import KeptOutputs
 
 SCHEDULES = ("cosine", "constant")
@@ -95,11 +95,22 @@ class GraphedTraining:
     optimisation); elsewhere it says so once and every step runs eagerly."""
 
     _graphed: GraphedStep | None = None
+    _graphs_decided: tuple | None = None  # (trainer, its _graphs_on answer)
 
     @property
     def automatic_optimization(self) -> bool:
-        """False for a CUDA-graphed fit: the graph takes the optimizer step itself."""
-        return not self._graphs_on()
+        """False for a CUDA-graphed fit: the graph takes the optimizer step itself. Lightning
+        reads it ~7 times a step: decided once per trainer."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return not self._graphs_on()
+        if self._graphs_decided is None or self._graphs_decided[0] is not trainer:
+            self._graphs_decided = (trainer, self._graphs_on())
+        return not self._graphs_decided[1]
+
+    def __getstate__(self) -> dict:
+        """Pickled or copied without its trainer, as Lightning drops ``_trainer``."""
+        return {**super().__getstate__(), "_graphs_decided": None}
 
     def _graphs_on(self) -> bool:
         """``model.cuda_graphs`` on a CUDA device (elsewhere the step runs eagerly)."""
@@ -154,7 +165,7 @@ class GraphedTraining:
         return loss
 
 
-class LTHModule(GraphedTraining, L.LightningModule):
+class LTHModule(GraphedTraining, LeanModule):
     def __init__(self, arch: str = "resnet20", width: int = 1, num_classes: int = 10,
                  in_channels: int = 3, image_size: int = 32, arch_kwargs: dict | None = None,
                  lr: float = 0.08, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -241,7 +252,7 @@ class LTHModule(GraphedTraining, L.LightningModule):
         if split == "test" and self.kept_outputs is not None:
             self.kept_outputs.add(logits, labels)
         if split == "train":
-            self._log_step_loss(loss.detach())
+            self._log_step_loss(loss)
         return loss
 
     def _log_step_loss(self, loss: torch.Tensor) -> None:
@@ -249,7 +260,7 @@ class LTHModule(GraphedTraining, L.LightningModule):
         ``log_every_n_steps``); in the progress bar only where a bar is shown: once logged, a
         bar value is read to the host at every later step of the epoch (a GPU sync a step)."""
         if self.trainer._logger_connector.should_update_logs:
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False,
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False,
                      prog_bar=self.trainer.progress_bar_callback is not None)
 
     def _train_loss(self, images, labels) -> torch.Tensor:
