@@ -7,9 +7,10 @@ final test, the mask/weights/result files and the store's seal. The bare side is
 work by hand: the same snapshot, mask, data loaders, SGD + cosine schedule, the mask applied
 to the gradients and the weights at every step, one test evaluation per epoch and at the
 end, the final weights saved; no logging, no metrics objects, no callbacks. The floor side
-is the bare loop's work as the smallest LightningModule, fitted by a Lightning Trainer with
-the stage's settings: bare / floor is what Lightning's own loop costs on this machine, a
-bound for any stage that its automatic optimisation fits; floor / stage is the study's own share (its metrics, hooks,
+is the bare loop's work as the smallest LightningModule (a ``LeanModule``, as the study's
+modules are), fitted by a Lightning Trainer with the stage's settings (its profiler too):
+bare / floor is what Lightning's own loop costs on this machine, a bound for any stage that
+its automatic optimisation fits; floor / stage is the study's own share (its metrics, hooks,
 callbacks, checkpoints, files and store).
 
 The study's other stages (dense A and B, the IMP rounds to 0.9, the matching its record
@@ -52,6 +53,7 @@ from lightning_lth.io import load_tensors, save_tensors
 from lightning_lth.models import build_model
 from lightning_lth.parsing import make_cli
 from lightning_lth.sparsity.mask import Mask
+from lightning_lth.training.lean import LeanModule
 from lightning_lth.training.module import load_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,11 +155,12 @@ def bare_arm(runner: Runner, arm, out: Path) -> None:
     work.save(out)
 
 
-class FloorModule(L.LightningModule):
+class FloorModule(LeanModule):
     """The bare loop's work as the smallest LightningModule: the same net, mask, SGD, schedule
     and loaders, the mask applied as the bare loop applies it, a count of correct answers per
     evaluation; no metrics objects, logging or callbacks. Its time over the bare loop's is
-    what Lightning's own loop costs; the stage's time over this one is the study's share."""
+    what Lightning's own loop costs (with the hook bookkeeping the study's modules save:
+    ``training/lean.py``); the stage's time over this one is the study's share."""
 
     def __init__(self, work: ArmWork):
         super().__init__()
