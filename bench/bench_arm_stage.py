@@ -19,8 +19,9 @@ takes about a minute: what the mask came from does not change how long the arm t
 sides then alternate (stage, bare, floor, floor, bare, stage, ...: ``common.interleaved``)
 and the medians are compared: ratio = bare / stage time (goal >= 0.90), whole runs and per
 step (the median time from one optimizer step to the next, taken by torch's global step
-hook on every side alike), at each torch thread count of ``--threads``
-(default: 1 and the machine's default, measured one after the other in this process). The
+hook on every side alike; also the time before the first step and after the last), at
+each torch thread count of ``--threads`` (default: 1 and the machine's default, measured
+one after the other in this process). The
 numbers and their provenance go to ``bench/results/arm_stage_<time>.json``.
 
     python bench/bench_arm_stage.py [--epochs 3] [--repeats 5] [--threads 1,2] [--profile]
@@ -238,11 +239,14 @@ def check_same_work(runner: Runner, arm, folder: Path) -> None:
 class StepClock:
     """The time from one optimizer step to the next, on every side alike (torch's global
     step hook: no side's code is touched). Its median over a side's runs is that side's
-    per-step cost; the few intervals spanning an evaluation do not move a median."""
+    per-step cost; the few intervals spanning an evaluation do not move a median. Each run's
+    time before its first step (set-up) and after its last (the final test, files, seal) is
+    kept too: what of a whole run's difference is not per step."""
 
     def __init__(self):
         self.intervals: dict[str, list[float]] = {side: [] for side in SIDES}
-        self.side, self.last = None, None
+        self.edges: dict[str, list[tuple[float, float]]] = {side: [] for side in SIDES}
+        self.side, self.first, self.last = None, None, None
 
     def __enter__(self) -> StepClock:
         self._hook = register_optimizer_step_post_hook(self._stepped)
@@ -255,18 +259,28 @@ class StepClock:
         now = time.perf_counter()
         if self.side is not None and self.last is not None:
             self.intervals[self.side].append(now - self.last)
+        self.first = now if self.first is None else self.first
         self.last = now
 
     def timing(self, side: str, run) -> float:
-        """``run()``'s seconds, its steps' intervals kept under ``side``."""
-        self.side, self.last = side, None
+        """``run()``'s seconds, its steps' intervals and its edges kept under ``side``."""
+        self.side, self.first, self.last = side, None, None
+        start = time.perf_counter()
         try:
             return timed(run)[0]
         finally:
+            end = time.perf_counter()
+            if self.first is not None:
+                self.edges[side].append((self.first - start, end - self.last))
             self.side = None
 
     def median_ms(self, side: str) -> float:
         return statistics.median(self.intervals[side]) * 1e3
+
+    def edges_s(self, side: str) -> dict[str, float]:
+        """Median seconds before the first step and after the last, over ``side``'s runs."""
+        return {"before_first_step": statistics.median(e[0] for e in self.edges[side]),
+                "after_last_step": statistics.median(e[1] for e in self.edges[side])}
 
 
 def compare(runner: Runner, arm, folder: Path, threads: int, repeats: int) -> dict:
@@ -289,6 +303,10 @@ def compare(runner: Runner, arm, folder: Path, threads: int, repeats: int) -> di
           + f"; bare / stage {step['bare'] / step['stage']:.3f}, bare / floor "
             f"{step['bare'] / step['floor']:.3f}, floor / stage "
             f"{step['floor'] / step['stage']:.3f}")
+    edges = {side: clock.edges_s(side) for side in SIDES}
+    print("  outside the steps (median): " + ", ".join(
+        f"{side} {edges[side]['before_first_step']:.2f} s before the first, "
+        f"{edges[side]['after_last_step']:.2f} s after the last" for side in SIDES))
     median = {side: spread(times[side])["median"] for side in SIDES}
     ratio = median["bare"] / median["stage"]
     print("  median: " + ", ".join(f"{side} {median[side]:.2f} s "
@@ -303,7 +321,7 @@ def compare(runner: Runner, arm, folder: Path, threads: int, repeats: int) -> di
             "ratio_bare_over_stage": ratio,
             "ratio_bare_over_floor": median["bare"] / median["floor"],
             "ratio_floor_over_stage": median["floor"] / median["stage"],
-            "step_ms_median": step,
+            "step_ms_median": step, "outside_steps_s_median": edges,
             "step_intervals": {side: len(clock.intervals[side]) for side in SIDES}}
 
 
