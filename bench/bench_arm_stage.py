@@ -21,8 +21,8 @@ and the medians are compared: ratio = bare / stage time (goal >= 0.90), whole ru
 step (the median time from one optimizer step to the next, taken by torch's global step
 hook on every side alike; also the time before the first step and after the last), at
 each torch thread count of ``--threads`` (default: 1 and the machine's default, measured
-one after the other in this process). The
-numbers and their provenance go to ``bench/results/arm_stage_<time>.json``.
+one after the other in this process). The numbers and their provenance go to
+``bench/results/arm_stage_<time>.json``.
 
     python bench/bench_arm_stage.py [--epochs 3] [--repeats 5] [--threads 1,2] [--profile]
 
