@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= configs/demo_fmnist.yaml
 STAMP  := $(VENV)/.installed
+# pytest-xdist workers for test and test-all (TEST_JOBS=0: in this one process)
+TEST_JOBS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-quick test-slurm test-all demo bench lint clean
@@ -20,8 +22,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
-test: $(STAMP) ## the fast test suite (CI runs this)
-	$(PY) -m pytest -q
+test: $(STAMP) ## the fast test suite on TEST_JOBS workers (CI runs this)
+	$(PY) -m pytest -q -n $(TEST_JOBS)
 
 test-quick: $(STAMP) ## a few of the fastest tests of each package (under 2 minutes on 2 cores)
 	$(PY) -m pytest -q -m quick
@@ -29,8 +31,8 @@ test-quick: $(STAMP) ## a few of the fastest tests of each package (under 2 minu
 test-slurm: $(STAMP) ## grid on a real SLURM cluster started by the tests (root, Debian's packages)
 	$(PY) -m pytest -q -m "" tests/test_slurm.py
 
-test-all: $(STAMP) ## every test, slow ones included
-	$(PY) -m pytest -q -m ""
+test-all: $(STAMP) ## every test, slow ones included, on TEST_JOBS workers
+	$(PY) -m pytest -q -n $(TEST_JOBS) -m ""
 
 demo: $(STAMP) ## the whole experiment on the CPU demo config, then its report
 	$(PY) -m lightning_lth experiment --config $(CONFIG)
