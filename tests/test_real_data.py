@@ -17,8 +17,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_fmnist.yaml"
 @pytest.mark.skipif(not SYSTEM_FMNIST.is_file(),
                     reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
 def test_matching_lowers_the_barrier_on_real_fashion_mnist(tmp_path):
-    result = run_cli("match", "--config", CONFIG, "--trainer.max_epochs=2",
-                     "--study.rewind_epochs=[0]",
+    result = run_cli("match", "--config", CONFIG, "--trainer.max_epochs=3",
+                     "--study.match.epochs=[3]",  # pi from A and B both trained, as the paper
                      f"--data.data_dir={tmp_path / 'data'}", f"--study.store={tmp_path / 'store'}",
                      cwd=tmp_path, env={"WANDB_MODE": "disabled"}, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
